@@ -1,0 +1,10 @@
+"""apd_lens: Attribution-based Parameter Decomposition for TransformerLens-style hooked models."""
+
+from apd_lens.config import APDConfig
+from apd_lens.decomposition import Decomposition
+from apd_lens.spec import WeightSpec, WeightUse
+from apd_lens.train import decompose
+
+__version__ = "0.1.0"
+
+__all__ = ["APDConfig", "Decomposition", "WeightSpec", "WeightUse", "decompose", "__version__"]

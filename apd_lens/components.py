@@ -1,0 +1,78 @@
+"""Low-rank parameter components of one decomposed weight: P_c = A_c @ B_c."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from jaxtyping import Float
+from torch import Tensor, nn
+
+from apd_lens._compat import HookPoint
+
+
+class ComponentWeight(nn.Module):
+    """C rank-m components of a ``[d_in, d_out]`` weight matrix.
+
+    ``A`` is ``[C, d_in, m]``, ``B`` is ``[C, m, d_out]``. Hooks (names relative to this module):
+    ``hook_component_acts`` ([*batch, C, m], the masked inner activations of the first use;
+    ``hook_component_acts_use<i>`` for a tied weight's further uses) and ``hook_component_out``
+    ([*batch, d_out], the summed output of the first use).
+    """
+
+    def __init__(self, n_components: int, d_in: int, d_out: int, rank: int, n_uses: int = 1,
+                 init_scale: float = 1.0, generator: torch.Generator | None = None):
+        super().__init__()
+        self.n_components, self.d_in, self.d_out, self.rank = n_components, d_in, d_out, rank
+        a = torch.randn(n_components, d_in, rank, generator=generator) * (init_scale / math.sqrt(d_in))
+        b = torch.randn(n_components, rank, d_out, generator=generator) * (init_scale / math.sqrt(rank * n_components))
+        self.A = nn.Parameter(a)
+        self.B = nn.Parameter(b)
+        self.hook_component_acts = HookPoint()
+        for i in range(1, n_uses):
+            self.add_module(f"hook_component_acts_use{i}", HookPoint())
+        self.hook_component_out = HookPoint()
+
+    def acts_hook(self, use_index: int) -> HookPoint:
+        """The HookPoint that sees the inner activations of use ``use_index``."""
+        return self.hook_component_acts if use_index == 0 else getattr(self, f"hook_component_acts_use{use_index}")
+
+    def component_matrices(self) -> Float[Tensor, "C d_in d_out"]:
+        return self.A @ self.B
+
+    def summed_matrix(self) -> Float[Tensor, "d_in d_out"]:
+        return torch.einsum("cim,cmo->io", self.A, self.B)
+
+    def inner_acts(self, x: Float[Tensor, "n d"], transposed: bool, detach: bool = False) -> Float[Tensor, "n C m"]:
+        """``x @ A_c`` (or ``x @ B_c^T`` for a transposed use) for every component."""
+        a, b = (self.A.detach(), self.B.detach()) if detach else (self.A, self.B)
+        return torch.einsum("ni,cmi->ncm", x, b) if transposed else torch.einsum("ni,cim->ncm", x, a)
+
+    def outer(self, inner: Float[Tensor, "n C m"], transposed: bool, detach: bool = False) -> Float[Tensor, "n C d"]:
+        """Per-component outputs from inner activations."""
+        a, b = (self.A.detach(), self.B.detach()) if detach else (self.A, self.B)
+        return torch.einsum("ncm,cim->nci", inner, a) if transposed else torch.einsum("ncm,cmo->nco", inner, b)
+
+    def summed_outer(self, inner: Float[Tensor, "n C m"], transposed: bool, detach: bool = False) -> Float[Tensor, "n d"]:
+        """Sum over components of their outputs: one matmul over the flattened (C, m) axis."""
+        a, b = (self.A.detach(), self.B.detach()) if detach else (self.A, self.B)
+        flat = inner.reshape(inner.shape[0], -1)
+        if transposed:
+            return flat @ a.permute(0, 2, 1).reshape(-1, self.d_in)
+        return flat @ b.reshape(-1, self.d_out)
+
+    def component_outputs(self, x: Float[Tensor, "n d"], transposed: bool, detach: bool = False) -> Float[Tensor, "n C d"]:
+        return self.outer(self.inner_acts(x, transposed, detach), transposed, detach)
+
+    @torch.no_grad()
+    def normalize_A(self) -> None:
+        """Rescale each column of every A_c to unit norm over d_in (the paper's resid-MLP option)."""
+        self.A.div_(self.A.norm(dim=1, keepdim=True).clamp_min(1e-12))
+
+    @torch.no_grad()
+    def set_from_matrices(self, A: Float[Tensor, "C d_in m"], B: Float[Tensor, "C m d_out"]) -> None:
+        if A.shape != self.A.shape or B.shape != self.B.shape:
+            raise ValueError(f"expected A {tuple(self.A.shape)} and B {tuple(self.B.shape)}, "
+                             f"got {tuple(A.shape)} and {tuple(B.shape)}")
+        self.A.copy_(A)
+        self.B.copy_(B)

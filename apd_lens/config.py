@@ -1,0 +1,131 @@
+"""APDConfig: every setting of a decomposition, validated, serializable."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+_CHOICES = {
+    "attribution": ("gradient", "activation"),
+    "attribution_source": ("target", "components"),
+    "topk_mode": ("batch", "per_example"),
+    "output_loss": ("mse", "kl"),
+    "lr_schedule": ("constant", "cosine", "linear"),
+}
+
+
+@dataclass
+class APDConfig:
+    """Settings of an APD decomposition. Defaults are generic; the toy models carry the
+    paper's settings in ``model.apd_default_config()``, which ``decompose`` uses when no
+    config is given."""
+
+    n_components: int = 10
+    """C, the number of parameter components (shared by all decomposed weights)."""
+    rank: int | None = None
+    """Inner rank m of every component; None: min(d_in, d_out) of each weight."""
+    topk: float = 1.0
+    """Mean number of components kept per data point (batch top-k), or per data point exactly."""
+    topk_mode: str = "batch"
+    attribution: str = "gradient"
+    attribution_source: str = "target"
+    """Gradients of the target model, or of the component model with all components on."""
+    attribution_probes: int | None = None
+    """None: exact attributions; k: unbiased estimate from k random output probes."""
+    attribution_chunk: int | None = None
+    """At most this many output probes per batched backward (bounds memory); None: all at once."""
+    faithfulness_coeff: float = 1.0
+    minimality_coeff: float = 1.0
+    simplicity_coeff: float = 1.0
+    act_recon_coeff: float = 0.0
+    act_recon_hooks: tuple[str, ...] = ()
+    schatten_p: float = 1.0
+    output_loss: str = "mse"
+    unit_norm_A: bool = False
+    """Renormalize every column of every A to unit norm over d_in after each step."""
+    init_scale: float = 1.0
+    weights: tuple[str, ...] | None = None
+    """fnmatch patterns selecting which of the model's declared weights to decompose."""
+    n_batch_dims: int | None = None
+    """Leading dims of an input that index data points; None: all dims of integer (token)
+    inputs, all but the last of float inputs."""
+    steps: int = 10_000
+    batch_size: int = 2048
+    lr: float = 1e-3
+    lr_schedule: str = "constant"
+    lr_warmup_frac: float = 0.0
+    seed: int = 0
+    device: str = "cpu"
+    progress: bool = True
+    log_every: int = 100
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Free-form metadata kept with the config (e.g. the experiment's name)."""
+
+    def __post_init__(self) -> None:
+        if self.weights is not None:
+            self.weights = tuple(self.weights)
+        self.act_recon_hooks = tuple(self.act_recon_hooks)
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ValueError naming every impossible setting."""
+        problems = []
+        if not isinstance(self.n_components, int) or self.n_components < 1:
+            problems.append(f"n_components (C) must be an integer >= 1, got {self.n_components!r}")
+        if self.rank is not None and (not isinstance(self.rank, int) or self.rank < 1):
+            problems.append(f"rank must be None or an integer >= 1, got {self.rank!r}")
+        if not self.topk > 0:
+            problems.append(f"topk must be > 0, got {self.topk}")
+        elif isinstance(self.n_components, int) and self.topk > self.n_components:
+            problems.append(f"topk ({self.topk}) cannot be larger than n_components C ({self.n_components})")
+        if self.topk_mode == "per_example" and float(self.topk) != int(self.topk):
+            problems.append(f"per_example top-k must be a whole number, got {self.topk}")
+        for name, allowed in _CHOICES.items():
+            if getattr(self, name) not in allowed:
+                problems.append(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if not self.schatten_p > 0:
+            problems.append(f"schatten_p must be > 0, got {self.schatten_p}")
+        for name in ("faithfulness_coeff", "minimality_coeff", "simplicity_coeff", "act_recon_coeff"):
+            if not getattr(self, name) >= 0:
+                problems.append(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.act_recon_coeff > 0 and not self.act_recon_hooks:
+            problems.append("act_recon_coeff > 0 needs act_recon_hooks (the hooks to reconstruct)")
+        if self.attribution_probes is not None and self.attribution_probes < 1:
+            problems.append(f"attribution_probes must be None or >= 1, got {self.attribution_probes}")
+        if self.attribution_chunk is not None and self.attribution_chunk < 1:
+            problems.append(f"attribution_chunk must be None or >= 1, got {self.attribution_chunk}")
+        if self.n_batch_dims is not None and self.n_batch_dims < 1:
+            problems.append(f"n_batch_dims must be None or >= 1, got {self.n_batch_dims}")
+        if self.steps < 0:
+            problems.append(f"steps must be >= 0, got {self.steps}")
+        if self.batch_size < 1:
+            problems.append(f"batch_size must be >= 1, got {self.batch_size}")
+        if not self.lr > 0:
+            problems.append(f"lr must be > 0, got {self.lr}")
+        if not 0 <= self.lr_warmup_frac <= 1:
+            problems.append(f"lr_warmup_frac must be in [0, 1], got {self.lr_warmup_frac}")
+        if not self.init_scale > 0:
+            problems.append(f"init_scale must be > 0, got {self.init_scale}")
+        if self.log_every < 1:
+            problems.append(f"log_every must be >= 1, got {self.log_every}")
+        if problems:
+            raise ValueError("Invalid APDConfig:\n  - " + "\n  - ".join(problems))
+
+    def replace(self, **changes: Any) -> APDConfig:
+        """A copy with some fields changed (validated)."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["act_recon_hooks"] = list(self.act_recon_hooks)
+        d["weights"] = None if self.weights is None else list(self.weights)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> APDConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown APDConfig fields: {unknown}")
+        return cls(**d)

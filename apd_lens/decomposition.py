@@ -1,0 +1,207 @@
+"""Decomposition: a HookedRootModule holding a frozen target model and its parameter components."""
+
+from __future__ import annotations
+
+import torch
+from jaxtyping import Float
+from torch import Tensor, nn
+
+from apd_lens._compat import HookedRootModule, HookPoint
+from apd_lens.attributions import activation_attributions, gradient_attributions
+from apd_lens.components import ComponentWeight
+from apd_lens.config import APDConfig
+from apd_lens.hooked_forward import HookPlan, PassRecord, hooked_forward
+from apd_lens.losses import (
+    activation_recon_loss,
+    faithfulness_loss,
+    output_loss,
+    simplicity_loss,
+)
+from apd_lens.masks import batch_topk_mask, per_example_topk_mask
+from apd_lens.spec import WeightSpec, get_parameter, validate_specs
+
+
+class Decomposition(HookedRootModule):
+    """The target model (frozen, submodule ``model``) and C components of each decomposed weight.
+
+    ``forward(x, mask=None)`` runs the model with every decomposed weight replaced by the sum of
+    its (masked) components. Hooks: ``<weight>.hook_component_acts`` ([*batch, C, m]),
+    ``<weight>.hook_component_out``, ``hook_attributions`` and ``hook_mask`` ([*batch, C]), and
+    the target model's own hooks under ``model.``.
+    """
+
+    def __init__(self, model: nn.Module, specs: list[WeightSpec], config: APDConfig):
+        super().__init__()
+        validate_specs(model, specs)
+        self.config = config
+        self.specs = list(specs)
+        self.plan = HookPlan.from_specs(self.specs)
+        self.model = model
+        for p in model.parameters():
+            p.requires_grad_(False)
+        generator = torch.Generator().manual_seed(config.seed)
+        self._components: dict[str, ComponentWeight] = {}
+        for spec in self.specs:
+            matrix = spec.to_matrix(get_parameter(model, spec.name))
+            d_in, d_out = matrix.shape
+            rank = config.rank if config.rank is not None else min(d_in, d_out)
+            comp = ComponentWeight(config.n_components, d_in, d_out, rank, len(spec.uses),
+                                   config.init_scale, generator).to(device=matrix.device, dtype=matrix.dtype)
+            self._attach(spec.name, comp)
+            self._components[spec.name] = comp
+        self.hook_attributions = HookPoint()
+        self.hook_mask = HookPoint()
+        self.loss_history: list[dict[str, float]] = []
+        self.setup()
+
+    def setup(self) -> None:
+        """Like HookedRootModule.setup, but the target's modules keep their own names (so the
+        target's caches and hooks still work on its own); they are listed under ``model.``."""
+        self.mod_dict, self.hook_dict = {}, {}
+        for name, module in self.named_modules():
+            if not name:
+                continue
+            if name != "model" and not name.startswith("model."):
+                module.name = name
+            self.mod_dict[name] = module
+            if isinstance(module, HookPoint):
+                self.hook_dict[name] = module
+
+    def _attach(self, dotted: str, comp: ComponentWeight) -> None:
+        """Register ``comp`` at the module path ``dotted`` so its hooks are named after the weight."""
+        parent: nn.Module = self
+        *path, last = dotted.split(".")
+        for part in path:
+            child = parent._modules.get(part)
+            if child is None:
+                if hasattr(parent, part):
+                    raise ValueError(f"weight name {dotted!r} clashes with attribute {part!r}")
+                child = nn.Module()
+                parent.add_module(part, child)
+            parent = child
+        if hasattr(parent, last):
+            raise ValueError(f"weight name {dotted!r} clashes with an existing attribute")
+        parent.add_module(last, comp)
+
+    # ----------------------------------------------------------------- accessors
+    @property
+    def components(self) -> dict[str, ComponentWeight]:
+        """Weight name -> its ComponentWeight module."""
+        return dict(self._components)
+
+    @property
+    def n_components(self) -> int:
+        return self.config.n_components
+
+    @property
+    def n_params(self) -> int:
+        """Number of decomposed parameters."""
+        return sum(get_parameter(self.model, s.name).numel() for s in self.specs)
+
+    def component_parameters(self) -> list[nn.Parameter]:
+        return [p for c in self._components.values() for p in (c.A, c.B)]
+
+    def target_matrices(self) -> dict[str, Tensor]:
+        """Weight name -> the target's ``[d_in, d_out]`` matrix."""
+        return {s.name: s.to_matrix(get_parameter(self.model, s.name)).detach() for s in self.specs}
+
+    @torch.no_grad()
+    def component_weights(self) -> dict[str, Float[Tensor, "C ..."]]:
+        """Weight name -> the components ``P_c`` in the parameter's own shape: [C, *shape]."""
+        out = {}
+        for spec in self.specs:
+            shape = get_parameter(self.model, spec.name).shape
+            out[spec.name] = spec.from_matrix(self._components[spec.name].component_matrices(), shape)
+        return out
+
+    def n_batch_dims(self, x: Tensor) -> int:
+        if self.config.n_batch_dims is not None:
+            return self.config.n_batch_dims
+        return x.ndim if not torch.is_floating_point(x) else max(x.ndim - 1, 1)
+
+    # ----------------------------------------------------------------- passes
+    def check_input(self, x: Tensor) -> None:
+        """Refuse inputs that would give silently wrong results."""
+        if not isinstance(x, Tensor):
+            raise TypeError(f"expected a torch.Tensor batch, got {type(x).__name__}")
+        if x.numel() == 0:
+            raise ValueError(f"empty batch of shape {tuple(x.shape)}")
+        if torch.is_floating_point(x) and not torch.isfinite(x).all():
+            raise ValueError("the batch contains NaN or Inf values")
+
+    def _forward(self, x: Tensor, **kw) -> PassRecord:
+        try:
+            return hooked_forward(self.model, x, self.plan, self.n_batch_dims(x), **kw)
+        except RuntimeError as err:
+            raise RuntimeError(f"forward of {type(self.model).__name__} failed on a batch of shape "
+                               f"{tuple(x.shape)}: {err}") from err
+
+    def target_pass(self, x: Tensor, make_leaves: bool = True) -> PassRecord:
+        """Forward of the unchanged target, recording entering and leaving activations."""
+        with torch.enable_grad():
+            return self._forward(x, make_leaves=make_leaves, act_hooks=self.config.act_recon_hooks)
+
+    def attributions(self, x: Tensor, record: PassRecord | None = None,
+                     generator: torch.Generator | None = None) -> Float[Tensor, "*batch C"]:
+        """Attribution of every component on every data point of ``x``."""
+        cfg = self.config
+        if record is None:
+            self.check_input(x)
+            record = self.target_pass(x) if cfg.attribution_source == "target" else None
+        if cfg.attribution_source == "components":
+            with torch.enable_grad():
+                record = self._forward(x, components=self._components, make_leaves=True, detach_components=True)
+        if cfg.attribution == "activation":
+            flat = activation_attributions(record, self.plan, self._components)
+        else:
+            flat = gradient_attributions(record, self.plan, self._components, cfg.attribution_probes,
+                                         cfg.attribution_chunk, generator)
+        return self.hook_attributions(flat.detach().reshape(*record.batch_shape, -1))
+
+    def mask_from_attributions(self, attributions: Float[Tensor, "*batch C"]) -> Float[Tensor, "*batch C"]:
+        if self.config.topk_mode == "batch":
+            mask = batch_topk_mask(attributions, self.config.topk)
+        else:
+            mask = per_example_topk_mask(attributions, self.config.topk)
+        return self.hook_mask(mask)
+
+    def topk_mask(self, x: Tensor) -> Float[Tensor, "*batch C"]:
+        """The top-k mask of ``x`` (batch top-k over all of ``x``, or per example)."""
+        return self.mask_from_attributions(self.attributions(x))
+
+    def forward_with_mask(self, x: Tensor, mask: Tensor | None = None, act_hooks=()) -> PassRecord:
+        """Forward with each decomposed weight replaced by ``sum_c mask[n, c] P_c`` per data point."""
+        self.check_input(x)
+        if mask is not None:
+            expected = (*tuple(x.shape[: self.n_batch_dims(x)]), self.n_components)
+            if tuple(mask.shape) != expected:
+                raise ValueError(f"mask must have shape {expected}, got {tuple(mask.shape)}")
+        return self._forward(x, components=self._components, mask=mask, act_hooks=act_hooks)
+
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        """Output of the component model (all components on when ``mask`` is None)."""
+        return self.forward_with_mask(x, mask).output
+
+    # ----------------------------------------------------------------- losses
+    def losses(self, x: Tensor, generator: torch.Generator | None = None) -> dict[str, Tensor]:
+        """All loss terms of one APD step on batch ``x`` and their weighted ``total``."""
+        cfg = self.config
+        self.check_input(x)
+        target = self.target_pass(x, make_leaves=cfg.attribution == "gradient" and cfg.attribution_source == "target")
+        attributions = self.attributions(x, record=target, generator=generator)
+        mask = self.mask_from_attributions(attributions)
+        masked = self.forward_with_mask(x, mask, act_hooks=cfg.act_recon_hooks)
+        target_out = target.output.detach()
+        terms = {
+            "faithfulness": faithfulness_loss(self.target_matrices(), self._components),
+            "minimality": output_loss(masked.output, target_out, cfg.output_loss),
+            "simplicity": simplicity_loss(mask, self._components, cfg.schatten_p, self.n_params),
+        }
+        total = (cfg.faithfulness_coeff * terms["faithfulness"] + cfg.minimality_coeff * terms["minimality"]
+                 + cfg.simplicity_coeff * terms["simplicity"])
+        if cfg.act_recon_hooks:
+            targets = {k: v.detach() for k, v in target.acts.items()}
+            terms["act_recon"] = activation_recon_loss(masked.acts, targets, len(target.batch_shape))
+            total = total + cfg.act_recon_coeff * terms["act_recon"]
+        terms["total"] = total
+        return terms

@@ -1,0 +1,25 @@
+"""Metrics comparing components with ground-truth mechanisms."""
+
+from __future__ import annotations
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+
+@torch.no_grad()
+def mmcs_ml2r(components: Float[Tensor, "C n_features d"], target: Float[Tensor, "n_features d"]) -> tuple[float, float]:
+    """Mean max cosine similarity and mean L2 ratio of the features' vectors.
+
+    For every feature j (a row of ``target``; for TMS, row j of W = the paper's column j), take
+    the component whose row j is most cosine-similar; MMCS averages that similarity, ML2R the
+    ratio of that component's row norm to the target's.
+    """
+    if components.shape[1:] != target.shape:
+        raise ValueError(f"components {tuple(components.shape)} do not match target {tuple(target.shape)}")
+    comp_norm = components.norm(dim=-1)  # [C, F]
+    target_norm = target.norm(dim=-1)  # [F]
+    cos = (components * target).sum(-1) / (comp_norm * target_norm).clamp_min(1e-12)  # [C, F]
+    best, idx = cos.max(0)
+    ratio = comp_norm.gather(0, idx[None]).squeeze(0) / target_norm.clamp_min(1e-12)
+    return float(best.mean()), float(ratio.mean())

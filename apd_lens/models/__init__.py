@@ -1,0 +1,5 @@
+"""Toy target models, as HookedRootModules that declare their decomposed weights."""
+
+from apd_lens.models.tms import TMS, TMSData
+
+__all__ = ["TMS", "TMSData"]

@@ -1,0 +1,96 @@
+"""Toy model of superposition: x_hat = ReLU(W^T W x + b), with W used twice (tied)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from jaxtyping import Float
+from torch import Tensor, nn
+
+from apd_lens._compat import HookedRootModule, HookPoint
+from apd_lens.config import APDConfig
+from apd_lens.models.target_training import train_target
+from apd_lens.spec import WeightSpec, WeightUse
+
+
+class TMS(HookedRootModule):
+    """``hidden = x @ W``, ``out = ReLU(hidden @ W.T + b_final)`` with ``W`` [n_features, n_hidden].
+
+    (The paper writes W as [n_hidden, n_features]; its columns are our rows.)
+    Hooks: ``hook_in``, ``hook_hidden``, ``hook_out_pre``, ``hook_out``.
+    """
+
+    def __init__(self, n_features: int = 5, n_hidden: int = 2, seed: int = 0):
+        super().__init__()
+        if n_features < 1 or n_hidden < 1:
+            raise ValueError(f"n_features and n_hidden must be >= 1, got {n_features}, {n_hidden}")
+        self.n_features, self.n_hidden = n_features, n_hidden
+        gen = torch.Generator().manual_seed(seed)
+        bound = (6 / (n_features + n_hidden)) ** 0.5
+        self.W = nn.Parameter((torch.rand(n_features, n_hidden, generator=gen) * 2 - 1) * bound)
+        self.b_final = nn.Parameter(torch.zeros(n_features))
+        self.hook_in = HookPoint()
+        self.hook_hidden = HookPoint()
+        self.hook_out_pre = HookPoint()
+        self.hook_out = HookPoint()
+        self.setup()
+
+    def forward(self, x: Float[Tensor, "batch n_features"]) -> Float[Tensor, "batch n_features"]:
+        if x.shape[-1] != self.n_features:
+            raise ValueError(f"TMS expects inputs of width n_features={self.n_features}, got shape {tuple(x.shape)}")
+        x = self.hook_in(x)
+        hidden = self.hook_hidden(x @ self.W)
+        pre = self.hook_out_pre(hidden @ self.W.T + self.b_final)
+        return self.hook_out(torch.relu(pre))
+
+    def apd_weight_specs(self) -> list[WeightSpec]:
+        """W is one weight with two uses: x -> hidden, and hidden -> output (transposed)."""
+        return [WeightSpec("W", (
+            WeightUse(enter="hook_in", leave="hook_hidden"),
+            WeightUse(enter="hook_hidden", leave="hook_out_pre", transposed=True, bias="b_final"),
+        ))]
+
+    def apd_default_config(self) -> APDConfig:
+        """The paper's settings for TMS 5-2 and 40-10 (other sizes get the 40-10 recipe)."""
+        rank = min(self.n_features, self.n_hidden) + 1
+        if (self.n_features, self.n_hidden) == (5, 2):
+            return APDConfig(n_components=5, rank=rank, topk=0.211, attribution_source="components",
+                             faithfulness_coeff=1.0, minimality_coeff=1.0, simplicity_coeff=0.7,
+                             schatten_p=1.0, lr=3e-2, lr_schedule="constant", lr_warmup_frac=0.05,
+                             steps=20_000, batch_size=2048, extra={"experiment": "tms-5-2"})
+        return APDConfig(n_components=self.n_features, rank=rank, topk=2.0,
+                         faithfulness_coeff=1.0, minimality_coeff=10.0, simplicity_coeff=20.0,
+                         schatten_p=0.9, lr=1e-3, lr_schedule="cosine", lr_warmup_frac=0.05,
+                         steps=20_000, batch_size=2048,
+                         extra={"experiment": f"tms-{self.n_features}-{self.n_hidden}"})
+
+
+class TMSData:
+    """Endless batches of sparse features: each on with probability ``p``, value U[0, 1]."""
+
+    def __init__(self, n_features: int, batch_size: int = 2048, p: float = 0.05, seed: int = 0,
+                 device: str | torch.device = "cpu"):
+        if not 0 < p <= 1:
+            raise ValueError(f"feature probability must be in (0, 1], got {p}")
+        self.n_features, self.batch_size, self.p, self.device = n_features, batch_size, p, device
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def sample(self, batch_size: int | None = None) -> Float[Tensor, "batch n_features"]:
+        n = batch_size or self.batch_size
+        on = torch.rand(n, self.n_features, generator=self.generator) < self.p
+        values = torch.rand(n, self.n_features, generator=self.generator)
+        return (on * values).to(self.device)
+
+    def __iter__(self) -> Iterator[Tensor]:
+        while True:
+            yield self.sample()
+
+
+def train_tms(model: TMS, steps: int = 5000, batch_size: int = 1024, lr: float = 5e-3, seed: int = 0,
+              progress: bool = True) -> list[float]:
+    """The paper's target training: AdamW (wd 0.01), lr 5e-3, MSE to reconstruct the input."""
+    data = TMSData(model.n_features, batch_size, seed=seed)
+    batches = ((x, x) for x in data)
+    return train_target(model, batches, lambda out, y: (out - y).square().mean(), steps, lr,
+                        progress=progress)
