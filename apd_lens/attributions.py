@@ -58,17 +58,20 @@ def gradient_attributions(
     with torch.no_grad():
         for name, i in keys:
             use = specs[name].uses[i]
-            comp_outs[(name, i)] = components[name].component_outputs(record.enters[(name, i)], use.transposed, detach=True)
+            comp_outs[(name, i)] = components[name].component_outputs(
+                record.enters[(name, i)], use.transposed, detach=True
+            )
     probes = exact_probes(record.output) if n_probes is None else random_probes(record.output, n_probes, generator)
     chunk = probes.shape[0] if probe_chunk is None else probe_chunk
     n_points = next(iter(comp_outs.values())).shape[0]
     n_components = next(iter(components.values())).n_components
     total = torch.zeros(n_points, n_components, dtype=record.output.dtype, device=record.output.device)
     for start in range(0, probes.shape[0], chunk):
-        part = probes[start:start + chunk]
+        part = probes[start : start + chunk]
         last = start + chunk >= probes.shape[0]
-        grads = torch.autograd.grad(record.output, leaves, grad_outputs=part, retain_graph=not last,
-                                    is_grads_batched=True, allow_unused=True)
+        grads = torch.autograd.grad(
+            record.output, leaves, grad_outputs=part, retain_graph=not last, is_grads_batched=True, allow_unused=True
+        )
         inner = torch.zeros(part.shape[0], n_points, n_components, dtype=total.dtype, device=total.device)
         for key, grad in zip(keys, grads, strict=True):
             if grad is not None:
@@ -85,7 +88,9 @@ def activation_attributions(
     total = None
     with torch.no_grad():
         for name, i in plan.use_keys():
-            out = components[name].component_outputs(record.enters[(name, i)], specs[name].uses[i].transposed, detach=True)
+            out = components[name].component_outputs(
+                record.enters[(name, i)], specs[name].uses[i].transposed, detach=True
+            )
             sq = out.square().sum(-1)
             total = sq if total is None else total + sq
     return total

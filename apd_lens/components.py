@@ -20,8 +20,16 @@ class ComponentWeight(nn.Module):
     ([*batch, d_out], the summed output of the first use).
     """
 
-    def __init__(self, n_components: int, d_in: int, d_out: int, rank: int, n_uses: int = 1,
-                 init_scale: float = 1.0, generator: torch.Generator | None = None):
+    def __init__(
+        self,
+        n_components: int,
+        d_in: int,
+        d_out: int,
+        rank: int,
+        n_uses: int = 1,
+        init_scale: float = 1.0,
+        generator: torch.Generator | None = None,
+    ):
         super().__init__()
         self.n_components, self.d_in, self.d_out, self.rank = n_components, d_in, d_out, rank
         a = torch.randn(n_components, d_in, rank, generator=generator) * (init_scale / math.sqrt(d_in))
@@ -53,7 +61,9 @@ class ComponentWeight(nn.Module):
         a, b = (self.A.detach(), self.B.detach()) if detach else (self.A, self.B)
         return torch.einsum("ncm,cim->nci", inner, a) if transposed else torch.einsum("ncm,cmo->nco", inner, b)
 
-    def summed_outer(self, inner: Float[Tensor, "n C m"], transposed: bool, detach: bool = False) -> Float[Tensor, "n d"]:
+    def summed_outer(
+        self, inner: Float[Tensor, "n C m"], transposed: bool, detach: bool = False
+    ) -> Float[Tensor, "n d"]:
         """Sum over components of their outputs: one matmul over the flattened (C, m) axis."""
         a, b = (self.A.detach(), self.B.detach()) if detach else (self.A, self.B)
         flat = inner.reshape(inner.shape[0], -1)
@@ -61,7 +71,9 @@ class ComponentWeight(nn.Module):
             return flat @ a.permute(0, 2, 1).reshape(-1, self.d_in)
         return flat @ b.reshape(-1, self.d_out)
 
-    def component_outputs(self, x: Float[Tensor, "n d"], transposed: bool, detach: bool = False) -> Float[Tensor, "n C d"]:
+    def component_outputs(
+        self, x: Float[Tensor, "n d"], transposed: bool, detach: bool = False
+    ) -> Float[Tensor, "n C d"]:
         return self.outer(self.inner_acts(x, transposed, detach), transposed, detach)
 
     @torch.no_grad()
@@ -72,7 +84,9 @@ class ComponentWeight(nn.Module):
     @torch.no_grad()
     def set_from_matrices(self, A: Float[Tensor, "C d_in m"], B: Float[Tensor, "C m d_out"]) -> None:
         if A.shape != self.A.shape or B.shape != self.B.shape:
-            raise ValueError(f"expected A {tuple(self.A.shape)} and B {tuple(self.B.shape)}, "
-                             f"got {tuple(A.shape)} and {tuple(B.shape)}")
+            raise ValueError(
+                f"expected A {tuple(self.A.shape)} and B {tuple(self.B.shape)}, "
+                f"got {tuple(A.shape)} and {tuple(B.shape)}"
+            )
         self.A.copy_(A)
         self.B.copy_(B)

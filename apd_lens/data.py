@@ -16,11 +16,14 @@ def _first_tensor(batch) -> Tensor:
         return batch[0]
     if isinstance(batch, dict) and "input_ids" in batch:
         return batch["input_ids"]
-    raise TypeError(f"a data batch must be a Tensor (or a tuple/list whose first item is one), got {type(batch).__name__}")
+    raise TypeError(
+        f"a data batch must be a Tensor (or a tuple/list whose first item is one), got {type(batch).__name__}"
+    )
 
 
-def iterate_batches(data: Tensor | Iterable, batch_size: int, generator: torch.Generator,
-                    device: str | torch.device) -> Iterator[Tensor]:
+def iterate_batches(
+    data: Tensor | Iterable, batch_size: int, generator: torch.Generator, device: str | torch.device
+) -> Iterator[Tensor]:
     """Yield batches forever.
 
     A Tensor is shuffled (with ``generator``) and cut into batches of ``batch_size``, epoch after
@@ -34,7 +37,7 @@ def iterate_batches(data: Tensor | Iterable, batch_size: int, generator: torch.G
         while True:
             order = torch.randperm(n, generator=generator)
             for start in range(0, n - min(batch_size, n) + 1, min(batch_size, n)):
-                yield data[order[start:start + batch_size]].to(device)
+                yield data[order[start : start + batch_size]].to(device)
     if not isinstance(data, Iterable):
         raise TypeError(f"data must be a Tensor, an iterable of batches or a DataLoader, got {type(data).__name__}")
     one_shot = iter(data) is data
@@ -46,5 +49,7 @@ def iterate_batches(data: Tensor | Iterable, batch_size: int, generator: torch.G
         if not produced:
             raise ValueError("data yielded no batches")
         if one_shot:
-            raise RuntimeError("the data iterator ran out before the requested number of steps; pass a "
-                               "re-iterable (list, DataLoader) or an endless generator, or fewer steps")
+            raise RuntimeError(
+                "the data iterator ran out before the requested number of steps; pass a "
+                "re-iterable (list, DataLoader) or an endless generator, or fewer steps"
+            )

@@ -45,8 +45,9 @@ class Decomposition(HookedRootModule):
             matrix = spec.to_matrix(get_parameter(model, spec.name))
             d_in, d_out = matrix.shape
             rank = config.rank if config.rank is not None else min(d_in, d_out)
-            comp = ComponentWeight(config.n_components, d_in, d_out, rank, len(spec.uses),
-                                   config.init_scale, generator).to(device=matrix.device, dtype=matrix.dtype)
+            comp = ComponentWeight(
+                config.n_components, d_in, d_out, rank, len(spec.uses), config.init_scale, generator
+            ).to(device=matrix.device, dtype=matrix.dtype)
             self._attach(spec.name, comp)
             self._components[spec.name] = comp
         self.hook_attributions = HookPoint()
@@ -133,16 +134,18 @@ class Decomposition(HookedRootModule):
         try:
             return hooked_forward(self.model, x, self.plan, self.n_batch_dims(x), **kw)
         except RuntimeError as err:
-            raise RuntimeError(f"forward of {type(self.model).__name__} failed on a batch of shape "
-                               f"{tuple(x.shape)}: {err}") from err
+            raise RuntimeError(
+                f"forward of {type(self.model).__name__} failed on a batch of shape {tuple(x.shape)}: {err}"
+            ) from err
 
     def target_pass(self, x: Tensor, make_leaves: bool = True) -> PassRecord:
         """Forward of the unchanged target, recording entering and leaving activations."""
         with torch.enable_grad():
             return self._forward(x, make_leaves=make_leaves, act_hooks=self.config.act_recon_hooks)
 
-    def attributions(self, x: Tensor, record: PassRecord | None = None,
-                     generator: torch.Generator | None = None) -> Float[Tensor, "*batch C"]:
+    def attributions(
+        self, x: Tensor, record: PassRecord | None = None, generator: torch.Generator | None = None
+    ) -> Float[Tensor, "*batch C"]:
         """Attribution of every component on every data point of ``x``."""
         cfg = self.config
         if record is None:
@@ -154,8 +157,9 @@ class Decomposition(HookedRootModule):
         if cfg.attribution == "activation":
             flat = activation_attributions(record, self.plan, self._components)
         else:
-            flat = gradient_attributions(record, self.plan, self._components, cfg.attribution_probes,
-                                         cfg.attribution_chunk, generator)
+            flat = gradient_attributions(
+                record, self.plan, self._components, cfg.attribution_probes, cfg.attribution_chunk, generator
+            )
         return self.hook_attributions(flat.detach().reshape(*record.batch_shape, -1))
 
     def mask_from_attributions(self, attributions: Float[Tensor, "*batch C"]) -> Float[Tensor, "*batch C"]:
@@ -197,8 +201,11 @@ class Decomposition(HookedRootModule):
             "minimality": output_loss(masked.output, target_out, cfg.output_loss),
             "simplicity": simplicity_loss(mask, self._components, cfg.schatten_p, self.n_params),
         }
-        total = (cfg.faithfulness_coeff * terms["faithfulness"] + cfg.minimality_coeff * terms["minimality"]
-                 + cfg.simplicity_coeff * terms["simplicity"])
+        total = (
+            cfg.faithfulness_coeff * terms["faithfulness"]
+            + cfg.minimality_coeff * terms["minimality"]
+            + cfg.simplicity_coeff * terms["simplicity"]
+        )
         if cfg.act_recon_hooks:
             targets = {k: v.detach() for k, v in target.acts.items()}
             terms["act_recon"] = activation_recon_loss(masked.acts, targets, len(target.batch_shape))

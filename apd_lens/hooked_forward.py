@@ -58,8 +58,10 @@ class HookPlan:
                 leave_at[use.leave].append((spec.name, i))
         for hook, keys in leave_at.items():
             if len(keys) > 1:
-                raise ValueError(f"hook {hook!r} is the leaving hook of several uses {keys}; each "
-                                 "leaving activation must come from exactly one decomposed matmul")
+                raise ValueError(
+                    f"hook {hook!r} is the leaving hook of several uses {keys}; each "
+                    "leaving activation must come from exactly one decomposed matmul"
+                )
         return cls(specs, dict(enter_at), dict(leave_at))
 
     def use_keys(self) -> list[UseKey]:
@@ -86,24 +88,29 @@ def hooked_forward(
     record = PassRecord(output=torch.empty(0))
     act_hooks = set(act_hooks)
     specs = {s.name: s for s in plan.specs}
-    biases = {(s.name, i): (get_parameter(model, u.bias) if u.bias else None)
-              for s in plan.specs for i, u in enumerate(s.uses)}
+    biases = {
+        (s.name, i): (get_parameter(model, u.bias) if u.bias else None)
+        for s in plan.specs
+        for i, u in enumerate(s.uses)
+    }
 
     def flatten(t: Tensor, hook_name: str) -> Tensor:
         shape = tuple(t.shape[:n_batch_dims])
         if not record.batch_shape:
             record.batch_shape = shape
         elif shape != record.batch_shape:
-            raise RuntimeError(f"hook {hook_name!r} has batch shape {shape}, other hooks "
-                               f"{record.batch_shape}: check n_batch_dims")
+            raise RuntimeError(
+                f"hook {hook_name!r} has batch shape {shape}, other hooks {record.batch_shape}: check n_batch_dims"
+            )
         return t.reshape(math.prod(shape), -1)
 
     def replace(key: UseKey, t: Tensor, hook_name: str) -> Tensor:
         name, i = key
         use = specs[name].uses[i]
         if key not in record.enters:
-            raise RuntimeError(f"weight {name!r}: leaving hook {hook_name!r} fired before its "
-                               f"entering hook {use.enter!r}")
+            raise RuntimeError(
+                f"weight {name!r}: leaving hook {hook_name!r} fired before its entering hook {use.enter!r}"
+            )
         comp = components[name]
         inner = comp.inner_acts(record.enters[key], use.transposed, detach_components)
         if mask is not None:
@@ -112,8 +119,10 @@ def hooked_forward(
         inner = inner.reshape(-1, *inner.shape[n_batch_dims:])
         out = comp.summed_outer(inner, use.transposed, detach_components)
         if out.shape[-1] != math.prod(t.shape[n_batch_dims:]):
-            raise RuntimeError(f"weight {name!r}: component output width {out.shape[-1]} does not "
-                               f"match leaving hook {hook_name!r} of shape {tuple(t.shape)}")
+            raise RuntimeError(
+                f"weight {name!r}: component output width {out.shape[-1]} does not "
+                f"match leaving hook {hook_name!r} of shape {tuple(t.shape)}"
+            )
         out = out.reshape(t.shape)
         if i == 0:
             out = comp.hook_component_out(out)
@@ -141,8 +150,10 @@ def hooked_forward(
     if missing:
         name, i = missing[0]
         use = specs[name].uses[i]
-        raise RuntimeError(f"weight {name!r}: hook {use.leave!r} never fired during the forward "
-                           f"(entering hook {use.enter!r} fired: {(name, i) in record.enters})")
+        raise RuntimeError(
+            f"weight {name!r}: hook {use.leave!r} never fired during the forward "
+            f"(entering hook {use.enter!r} fired: {(name, i) in record.enters})"
+        )
     silent = sorted(act_hooks - set(record.acts))
     if silent:
         raise RuntimeError(f"activation hooks never fired during the forward: {silent}")

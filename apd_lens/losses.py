@@ -46,7 +46,9 @@ def activation_recon_loss(acts: dict[str, Tensor], targets: dict[str, Tensor], n
     return total.mean() / total_width
 
 
-def component_schatten_norms(components: dict[str, ComponentWeight], p: float, eps: float = 1e-16) -> Float[Tensor, " C"]:
+def component_schatten_norms(
+    components: dict[str, ComponentWeight], p: float, eps: float = 1e-16
+) -> Float[Tensor, " C"]:
     """Per component, sum over weights and rank dims of (||A[:, m]||^2 ||B[m, :]||^2)^(p/2)."""
     total = None
     for comp in components.values():
@@ -57,8 +59,9 @@ def component_schatten_norms(components: dict[str, ComponentWeight], p: float, e
     return total
 
 
-def simplicity_loss(mask: Float[Tensor, "n C"], components: dict[str, ComponentWeight], p: float,
-                    n_params: int) -> Tensor:
+def simplicity_loss(
+    mask: Float[Tensor, "n C"], components: dict[str, ComponentWeight], p: float, n_params: int
+) -> Tensor:
     """Schatten-p quasi-norm of the active components, divided by n_params and n data points."""
     norms = component_schatten_norms(components, p)
     n_points = mask.reshape(-1, mask.shape[-1]).shape[0]

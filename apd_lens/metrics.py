@@ -8,7 +8,9 @@ from torch import Tensor
 
 
 @torch.no_grad()
-def mmcs_ml2r(components: Float[Tensor, "C n_features d"], target: Float[Tensor, "n_features d"]) -> tuple[float, float]:
+def mmcs_ml2r(
+    components: Float[Tensor, "C n_features d"], target: Float[Tensor, "n_features d"]
+) -> tuple[float, float]:
     """Mean max cosine similarity and mean L2 ratio of the features' vectors.
 
     For every feature j (a row of ``target``; for TMS, row j of W = the paper's column j), take

@@ -44,7 +44,7 @@ def plot_tms_components(target: Tensor, components: Tensor, path: str | Path, ti
             ax.set_title(name, fontsize=9)
             ax.set_xticks([])
             ax.set_yticks([])
-    for ax in list(axes.flat)[len(panels):]:
+    for ax in list(axes.flat)[len(panels) :]:
         ax.axis("off")
     if title:
         fig.suptitle(title)

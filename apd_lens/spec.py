@@ -121,8 +121,7 @@ def validate_specs(model: nn.Module, specs: list[WeightSpec]) -> None:
             for role, hook in (("enter", use.enter), ("leave", use.leave)):
                 if hook not in hook_dict:
                     raise KeyError(
-                        f"Weight {spec.name!r}: {role} hook {hook!r} does not exist in "
-                        f"{type(model).__name__}"
+                        f"Weight {spec.name!r}: {role} hook {hook!r} does not exist in {type(model).__name__}"
                     )
             if use.enter == use.leave:
                 raise ValueError(f"Weight {spec.name!r}: enter and leave hook are both {use.enter!r}")

@@ -25,7 +25,9 @@ def default_config(model: nn.Module) -> APDConfig:
     return make() if callable(make) else APDConfig()
 
 
-def resolve_specs(model: nn.Module, weights: list[WeightSpec] | None, patterns: Iterable[str] | None) -> list[WeightSpec]:
+def resolve_specs(
+    model: nn.Module, weights: list[WeightSpec] | None, patterns: Iterable[str] | None
+) -> list[WeightSpec]:
     """The weights to decompose: given explicitly, declared by the model (``apd_weight_specs()``),
     or produced by an adapter; then filtered by the config's name patterns."""
     if weights is None:
@@ -41,8 +43,9 @@ def resolve_specs(model: nn.Module, weights: list[WeightSpec] | None, patterns: 
         patterns = list(patterns)
         for pat in patterns:
             if not any(fnmatch.fnmatchcase(w.name, pat) for w in weights):
-                raise KeyError(f"weight pattern {pat!r} matches none of the model's weights "
-                               f"{[w.name for w in weights]}")
+                raise KeyError(
+                    f"weight pattern {pat!r} matches none of the model's weights {[w.name for w in weights]}"
+                )
         weights = [w for w in weights if any(fnmatch.fnmatchcase(w.name, p) for p in patterns)]
     if not weights:
         raise ValueError("no weights to decompose")
@@ -79,8 +82,13 @@ def decompose(
     return decomposition
 
 
-def run_steps(decomposition: Decomposition, batches, optimizer: torch.optim.Optimizer,
-              probe_gen: torch.Generator | None = None, start_step: int = 0) -> None:
+def run_steps(
+    decomposition: Decomposition,
+    batches,
+    optimizer: torch.optim.Optimizer,
+    probe_gen: torch.Generator | None = None,
+    start_step: int = 0,
+) -> None:
     """Run the optimization from ``start_step`` to ``config.steps``."""
     cfg = decomposition.config
     bar = tqdm(range(start_step, cfg.steps), disable=not cfg.progress, desc="APD", dynamic_ncols=True)
@@ -91,8 +99,9 @@ def run_steps(decomposition: Decomposition, batches, optimizer: torch.optim.Opti
         terms = decomposition.losses(x, generator=probe_gen)
         bad = [k for k, v in terms.items() if not torch.isfinite(v)]
         if bad:
-            raise FloatingPointError(f"step {step}: non-finite loss term(s) {bad}: "
-                                     f"{ {k: float(v) for k, v in terms.items()} }")
+            raise FloatingPointError(
+                f"step {step}: non-finite loss term(s) {bad}: { {k: float(v) for k, v in terms.items()} }"
+            )
         optimizer.zero_grad(set_to_none=True)
         terms["total"].backward()
         optimizer.step()

@@ -49,8 +49,12 @@ def main(argv: list[str] | None = None) -> tuple[float, float]:
 
     components = decomposition.component_weights()["W"]
     mmcs, ml2r = mmcs_ml2r(components, target.W.detach())
-    fig = plot_tms_components(target.W, components, args.out / f"tms_{args.setting}_seed{args.seed}.png",
-                              title=f"TMS {args.setting}: MMCS={mmcs:.3f} ML2R={ml2r:.3f}")
+    fig = plot_tms_components(
+        target.W,
+        components,
+        args.out / f"tms_{args.setting}_seed{args.seed}.png",
+        title=f"TMS {args.setting}: MMCS={mmcs:.3f} ML2R={ml2r:.3f}",
+    )
     final = decomposition.loss_history[-1]
     print(f"steps={config.steps} wall_time={elapsed:.1f}s figure={fig}")
     print("final losses: " + " ".join(f"{k}={v:.3g}" for k, v in final.items() if k not in ("step", "lr")))

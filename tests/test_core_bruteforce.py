@@ -74,13 +74,21 @@ def test_activation_attributions_match_direct_sum(kind):
     if kind == "tms":
         W = dec.model.W.detach()
         hidden = x @ W
-        want = sum(((x @ comps["W"][c]).square().sum(-1) + (hidden @ comps["W"][c].T).square().sum(-1))[:, None]
-                   * torch.eye(dec.n_components)[c] for c in range(dec.n_components))
+        want = sum(
+            ((x @ comps["W"][c]).square().sum(-1) + (hidden @ comps["W"][c].T).square().sum(-1))[:, None]
+            * torch.eye(dec.n_components)[c]
+            for c in range(dec.n_components)
+        )
     else:
         m = dec.model
         post = torch.tanh(x @ m.W1 + m.b1) * (x @ m.W1 + m.b1)
-        want = torch.stack([(x @ comps["W1"][c]).square().sum(-1) + (post @ comps["W2"][c]).square().sum(-1)
-                            for c in range(dec.n_components)], dim=-1)
+        want = torch.stack(
+            [
+                (x @ comps["W1"][c]).square().sum(-1) + (post @ comps["W2"][c]).square().sum(-1)
+                for c in range(dec.n_components)
+            ],
+            dim=-1,
+        )
     torch.testing.assert_close(got, want.detach(), rtol=1e-5, atol=1e-10)
 
 
@@ -132,11 +140,11 @@ def brute_losses(dec: Decomposition, x: torch.Tensor, act_hook: str | None):
         masked_out.append(functional_call(model, masked_params, (xn,)))
         if act_hook:
             target_act.append(cache[act_hook])
-            store = {}
-            model.hook_dict[act_hook].add_hook(lambda t, hook: store.setdefault("a", t.detach()))
+            store = []
+            model.hook_dict[act_hook].add_hook(lambda t, hook, store=store: store.append(t.detach()))
             functional_call(model, masked_params, (xn,))
             model.reset_hooks()
-            masked_act.append(store["a"])
+            masked_act.append(store[-1])
     target_out, masked_out = torch.cat(target_out), torch.cat(masked_out)
     n_params = sum(params[k].numel() for k in comps)
     faith = sum((params[k] - comps[k].sum(0)).square().sum() for k in comps) / n_params
@@ -165,8 +173,9 @@ def test_losses_match_bruteforce(kind, act_hook):
     got = dec.losses(x)
     want = brute_losses(dec, x, act_hook)
     for term, value in want.items():
-        torch.testing.assert_close(got[term].detach(), torch.as_tensor(value).detach(), rtol=1e-5, atol=1e-12,
-                                   msg=f"loss term {term}")
+        torch.testing.assert_close(
+            got[term].detach(), torch.as_tensor(value).detach(), rtol=1e-5, atol=1e-12, msg=f"loss term {term}"
+        )
     total = 1.0 * want["faithfulness"] + 2.0 * want["minimality"] + 0.3 * want["simplicity"]
     if act_hook:
         total = total + 0.5 * want["act_recon"]

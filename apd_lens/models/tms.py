@@ -46,31 +46,64 @@ class TMS(HookedRootModule):
 
     def apd_weight_specs(self) -> list[WeightSpec]:
         """W is one weight with two uses: x -> hidden, and hidden -> output (transposed)."""
-        return [WeightSpec("W", (
-            WeightUse(enter="hook_in", leave="hook_hidden"),
-            WeightUse(enter="hook_hidden", leave="hook_out_pre", transposed=True, bias="b_final"),
-        ))]
+        return [
+            WeightSpec(
+                "W",
+                (
+                    WeightUse(enter="hook_in", leave="hook_hidden"),
+                    WeightUse(enter="hook_hidden", leave="hook_out_pre", transposed=True, bias="b_final"),
+                ),
+            )
+        ]
 
     def apd_default_config(self) -> APDConfig:
         """The paper's settings for TMS 5-2 and 40-10 (other sizes get the 40-10 recipe)."""
         rank = min(self.n_features, self.n_hidden) + 1
         if (self.n_features, self.n_hidden) == (5, 2):
-            return APDConfig(n_components=5, rank=rank, topk=0.211, attribution_source="components",
-                             faithfulness_coeff=1.0, minimality_coeff=1.0, simplicity_coeff=0.7,
-                             schatten_p=1.0, lr=3e-2, lr_schedule="constant", lr_warmup_frac=0.05,
-                             steps=20_000, batch_size=2048, extra={"experiment": "tms-5-2"})
-        return APDConfig(n_components=self.n_features, rank=rank, topk=2.0,
-                         faithfulness_coeff=1.0, minimality_coeff=10.0, simplicity_coeff=20.0,
-                         schatten_p=0.9, lr=1e-3, lr_schedule="cosine", lr_warmup_frac=0.05,
-                         steps=20_000, batch_size=2048,
-                         extra={"experiment": f"tms-{self.n_features}-{self.n_hidden}"})
+            return APDConfig(
+                n_components=5,
+                rank=rank,
+                topk=0.211,
+                attribution_source="components",
+                faithfulness_coeff=1.0,
+                minimality_coeff=1.0,
+                simplicity_coeff=0.7,
+                schatten_p=1.0,
+                lr=3e-2,
+                lr_schedule="constant",
+                lr_warmup_frac=0.05,
+                steps=20_000,
+                batch_size=2048,
+                extra={"experiment": "tms-5-2"},
+            )
+        return APDConfig(
+            n_components=self.n_features,
+            rank=rank,
+            topk=2.0,
+            faithfulness_coeff=1.0,
+            minimality_coeff=10.0,
+            simplicity_coeff=20.0,
+            schatten_p=0.9,
+            lr=1e-3,
+            lr_schedule="cosine",
+            lr_warmup_frac=0.05,
+            steps=20_000,
+            batch_size=2048,
+            extra={"experiment": f"tms-{self.n_features}-{self.n_hidden}"},
+        )
 
 
 class TMSData:
     """Endless batches of sparse features: each on with probability ``p``, value U[0, 1]."""
 
-    def __init__(self, n_features: int, batch_size: int = 2048, p: float = 0.05, seed: int = 0,
-                 device: str | torch.device = "cpu"):
+    def __init__(
+        self,
+        n_features: int,
+        batch_size: int = 2048,
+        p: float = 0.05,
+        seed: int = 0,
+        device: str | torch.device = "cpu",
+    ):
         if not 0 < p <= 1:
             raise ValueError(f"feature probability must be in (0, 1], got {p}")
         self.n_features, self.batch_size, self.p, self.device = n_features, batch_size, p, device
@@ -87,10 +120,10 @@ class TMSData:
             yield self.sample()
 
 
-def train_tms(model: TMS, steps: int = 5000, batch_size: int = 1024, lr: float = 5e-3, seed: int = 0,
-              progress: bool = True) -> list[float]:
+def train_tms(
+    model: TMS, steps: int = 5000, batch_size: int = 1024, lr: float = 5e-3, seed: int = 0, progress: bool = True
+) -> list[float]:
     """The paper's target training: AdamW (wd 0.01), lr 5e-3, MSE to reconstruct the input."""
     data = TMSData(model.n_features, batch_size, seed=seed)
     batches = ((x, x) for x in data)
-    return train_target(model, batches, lambda out, y: (out - y).square().mean(), steps, lr,
-                        progress=progress)
+    return train_target(model, batches, lambda out, y: (out - y).square().mean(), steps, lr, progress=progress)
