@@ -76,6 +76,33 @@ class ComponentWeight(nn.Module):
     ) -> Float[Tensor, "n C d"]:
         return self.outer(self.inner_acts(x, transposed, detach), transposed, detach)
 
+    def sparse_masked_output(
+        self, x: Float[Tensor, "n d"], mask: Float[Tensor, "n C"], transposed: bool, detach: bool = False
+    ) -> Float[Tensor, "n d_out"]:
+        """``sum_c mask[n, c] * (x[n] @ P_c)`` computing only the (n, c) pairs the mask keeps.
+
+        Equal to the dense computation; cheaper when the mask is sparse (top-k keeps few
+        components per data point): one small matmul pair per active component.
+        """
+        a, b = (self.A.detach(), self.B.detach()) if detach else (self.A, self.B)
+        rows, comps = mask.nonzero(as_tuple=True)
+        order = comps.argsort(stable=True)
+        rows, comps = rows[order], comps[order]
+        scale = mask[rows, comps].to(x.dtype)[:, None]
+        counts = torch.bincount(comps, minlength=self.n_components).tolist()
+        pieces, start = [], 0
+        for c, count in enumerate(counts):
+            if count == 0:
+                continue
+            xc = x[rows[start : start + count]]
+            start += count
+            pieces.append((xc @ b[c].T) @ a[c].T if transposed else (xc @ a[c]) @ b[c])
+        d_out = self.d_in if transposed else self.d_out
+        out = x.new_zeros(x.shape[0], d_out)
+        if not pieces:
+            return out
+        return out.index_add(0, rows, torch.cat(pieces) * scale)
+
     @torch.no_grad()
     def normalize_A(self) -> None:
         """Rescale each column of every A_c to unit norm over d_in (the paper's resid-MLP option)."""

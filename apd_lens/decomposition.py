@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterable
+from pathlib import Path
+
 import torch
-from jaxtyping import Float
+from jaxtyping import Bool, Float
 from torch import Tensor, nn
 
 from apd_lens._compat import HookedRootModule, HookPoint
@@ -53,6 +57,8 @@ class Decomposition(HookedRootModule):
         self.hook_attributions = HookPoint()
         self.hook_mask = HookPoint()
         self.loss_history: list[dict[str, float]] = []
+        self.section_timer = None
+        """Optional callable(name) -> context manager, wrapped around each part of a step (benchmarks)."""
         self.setup()
 
     def setup(self) -> None:
@@ -154,13 +160,19 @@ class Decomposition(HookedRootModule):
         if cfg.attribution_source == "components":
             with torch.enable_grad():
                 record = self._forward(x, components=self._components, make_leaves=True, detach_components=True)
-        if cfg.attribution == "activation":
-            flat = activation_attributions(record, self.plan, self._components)
-        else:
-            flat = gradient_attributions(
-                record, self.plan, self._components, cfg.attribution_probes, cfg.attribution_chunk, generator
-            )
+        flat = self.attribution_values(record, generator)
         return self.hook_attributions(flat.detach().reshape(*record.batch_shape, -1))
+
+    def attribution_values(
+        self, record: PassRecord, generator: torch.Generator | None = None
+    ) -> Float[Tensor, "n_points C"]:
+        """Attributions ``[n_points, C]`` from a recorded pass (leaves made for gradients)."""
+        cfg = self.config
+        if cfg.attribution == "activation":
+            return activation_attributions(record, self.plan, self._components)
+        return gradient_attributions(
+            record, self.plan, self._components, cfg.attribution_probes, cfg.attribution_chunk, generator
+        )
 
     def mask_from_attributions(self, attributions: Float[Tensor, "*batch C"]) -> Float[Tensor, "*batch C"]:
         if self.config.topk_mode == "batch":
@@ -182,19 +194,95 @@ class Decomposition(HookedRootModule):
                 raise ValueError(f"mask must have shape {expected}, got {tuple(mask.shape)}")
         return self._forward(x, components=self._components, mask=mask, act_hooks=act_hooks)
 
-    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
-        """Output of the component model (all components on when ``mask`` is None)."""
+    def forward(self, x: Tensor, mask: Tensor | str | None = None) -> Tensor:
+        """Output of the component model (all components on when ``mask`` is None).
+
+        ``mask="topk"`` uses the top-k mask of ``x``, so that ``run_with_cache(x, mask="topk")``
+        also sees ``hook_attributions`` and ``hook_mask`` (the target's hooks under ``model.``
+        then fire twice: the target pass, then the masked pass, which a cache keeps).
+        """
+        if isinstance(mask, str):
+            if mask != "topk":
+                raise ValueError(f'mask must be a Tensor, None or "topk", got {mask!r}')
+            mask = self.topk_mask(x)
         return self.forward_with_mask(x, mask).output
+
+    # ----------------------------------------------------------------- inspection
+    def _component_ids(self, ids: Iterable[int]) -> list[int]:
+        ids = [int(c) for c in ids]
+        bad = [c for c in ids if not 0 <= c < self.n_components]
+        if bad:
+            raise IndexError(f"component indices {bad} out of range for C={self.n_components}")
+        return ids
+
+    @torch.no_grad()
+    def component(self, c: int) -> dict[str, Tensor]:
+        """Weight name -> component ``P_c`` in the parameter's own shape."""
+        (c,) = self._component_ids([c])
+        return {name: weights[c] for name, weights in self.component_weights().items()}
+
+    def component_mask(
+        self, x: Tensor, keep: Iterable[int] | None = None, ablate: Iterable[int] | None = None
+    ) -> Float[Tensor, "*batch C"]:
+        """A mask for every data point of ``x``: only the components in ``keep`` on (all when
+        None), minus those in ``ablate``."""
+        on = torch.ones(self.n_components, dtype=torch.bool)
+        if keep is not None:
+            on.zero_()
+            on[self._component_ids(keep)] = True
+        if ablate is not None:
+            on[self._component_ids(ablate)] = False
+        first = next(iter(self._components.values())).A
+        batch_shape = tuple(x.shape[: self.n_batch_dims(x)])
+        return on.to(device=first.device, dtype=first.dtype).expand(*batch_shape, -1)
+
+    def run_components(
+        self, x: Tensor, keep: Iterable[int] | None = None, ablate: Iterable[int] | None = None
+    ) -> Tensor:
+        """Output with only the components in ``keep`` (all when None), minus those in ``ablate``."""
+        return self.forward(x, self.component_mask(x, keep, ablate))
+
+    def active_components(self, x: Tensor, k: int | None = None) -> Bool[Tensor, "*batch C"]:
+        """Which components are active on each data point of ``x``: the decomposition's own top-k
+        rule (batch top-k depends on the whole batch), or the ``k`` components of largest
+        attribution per data point."""
+        if k is None:
+            return self.topk_mask(x) > 0
+        return per_example_topk_mask(self.attributions(x), k) > 0
+
+    # ----------------------------------------------------------------- save / load
+    def save(self, path: str | Path) -> Path:
+        """Save to the directory ``path``: ``cfg.json`` and ``components.safetensors``."""
+        from apd_lens.io import save_decomposition
+
+        return save_decomposition(self, path)
+
+    @classmethod
+    def load(cls, path: str | Path, model: nn.Module, *, check_values: bool = True) -> Decomposition:
+        """Load a saved decomposition onto ``model``, checking that it fits (see ``apd_lens.io``)."""
+        from apd_lens.io import load_decomposition
+
+        return load_decomposition(path, model, check_values=check_values)
 
     # ----------------------------------------------------------------- losses
     def losses(self, x: Tensor, generator: torch.Generator | None = None) -> dict[str, Tensor]:
         """All loss terms of one APD step on batch ``x`` and their weighted ``total``."""
         cfg = self.config
         self.check_input(x)
-        target = self.target_pass(x, make_leaves=cfg.attribution == "gradient" and cfg.attribution_source == "target")
-        attributions = self.attributions(x, record=target, generator=generator)
-        mask = self.mask_from_attributions(attributions)
-        masked = self.forward_with_mask(x, mask, act_hooks=cfg.act_recon_hooks)
+        section = self.section_timer or (lambda name: contextlib.nullcontext())
+        with section("target_forward"):
+            make_leaves = cfg.attribution == "gradient" and cfg.attribution_source == "target"
+            target = self.target_pass(x, make_leaves=make_leaves)
+        with section("attribution"):
+            attributions = self.attributions(x, record=target, generator=generator)
+            mask = self.mask_from_attributions(attributions)
+        with section("masked_forward"):
+            masked = self.forward_with_mask(x, mask, act_hooks=cfg.act_recon_hooks)
+        with section("losses"):
+            return self._loss_terms(target, masked, mask)
+
+    def _loss_terms(self, target: PassRecord, masked: PassRecord, mask: Tensor) -> dict[str, Tensor]:
+        cfg = self.config
         target_out = target.output.detach()
         terms = {
             "faithfulness": faithfulness_loss(self.target_matrices(), self._components),

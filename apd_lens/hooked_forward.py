@@ -21,6 +21,11 @@ from torch import Tensor, nn
 from apd_lens.components import ComponentWeight
 from apd_lens.spec import WeightSpec, get_parameter
 
+SPARSE_DENSITY = 0.25
+"""Masks keeping less than this fraction of (data point, component) pairs take the sparse path..."""
+SPARSE_MIN_WORK = 2**22
+"""...when the dense computation would cost more than this many multiply-adds."""
+
 UseKey = tuple[str, int]
 """(weight name, index of the use)"""
 
@@ -79,11 +84,13 @@ def hooked_forward(
     detach_components: bool = False,
     act_hooks: Iterable[str] = (),
     extra_hooks: Iterable[tuple[str, Callable]] = (),
+    sparse: bool | None = None,
 ) -> PassRecord:
     """Run ``model(x)`` under the plan's hooks.
 
     With ``components`` given, each leaving activation is replaced by
     ``sum_c mask[n, c] * (enter[n] @ P_c) + bias`` (mask ``None``: all components on).
+    ``sparse``: compute only the kept (data point, component) pairs (None: decide from the mask).
     """
     record = PassRecord(output=torch.empty(0))
     act_hooks = set(act_hooks)
@@ -94,7 +101,7 @@ def hooked_forward(
         for i, u in enumerate(s.uses)
     }
 
-    def flatten(t: Tensor, hook_name: str) -> Tensor:
+    def flatten(t: Tensor, hook_name: str, key: UseKey | None = None) -> Tensor:
         shape = tuple(t.shape[:n_batch_dims])
         if not record.batch_shape:
             record.batch_shape = shape
@@ -102,7 +109,22 @@ def hooked_forward(
             raise RuntimeError(
                 f"hook {hook_name!r} has batch shape {shape}, other hooks {record.batch_shape}: check n_batch_dims"
             )
+        if key is not None and not (t.is_floating_point() or t.is_complex()):
+            return one_hot_ids(t, n_batch_dims, specs[key[0]], model, hook_name)
         return t.reshape(math.prod(shape), -1)
+
+    flat_mask = None if mask is None else mask.reshape(-1, mask.shape[-1])
+    density = None if flat_mask is None else float((flat_mask != 0).float().mean())
+
+    def use_sparse(comp: ComponentWeight, n_points: int, acts_hook) -> bool:
+        """Sparse path when asked, or (auto) when the mask is sparse, the dense work is large and
+        nobody hooks the inner activations (hooks need the dense [*, C, m] tensor)."""
+        if acts_hook._forward_hooks or acts_hook._backward_hooks:
+            return False
+        if sparse is not None:
+            return sparse
+        dense_work = n_points * comp.n_components * comp.rank * (comp.d_in + comp.d_out)
+        return density < SPARSE_DENSITY and dense_work > SPARSE_MIN_WORK
 
     def replace(key: UseKey, t: Tensor, hook_name: str) -> Tensor:
         name, i = key
@@ -112,12 +134,17 @@ def hooked_forward(
                 f"weight {name!r}: leaving hook {hook_name!r} fired before its entering hook {use.enter!r}"
             )
         comp = components[name]
-        inner = comp.inner_acts(record.enters[key], use.transposed, detach_components)
-        if mask is not None:
-            inner = inner * mask.reshape(-1, mask.shape[-1])[:, :, None].to(inner.dtype)
-        inner = comp.acts_hook(i)(inner.reshape(*record.batch_shape, *inner.shape[1:]))
-        inner = inner.reshape(-1, *inner.shape[n_batch_dims:])
-        out = comp.summed_outer(inner, use.transposed, detach_components)
+        enter = record.enters[key]
+        acts_hook = comp.acts_hook(i)
+        if flat_mask is not None and use_sparse(comp, enter.shape[0], acts_hook):
+            out = comp.sparse_masked_output(enter, flat_mask, use.transposed, detach_components)
+        else:
+            inner = comp.inner_acts(enter, use.transposed, detach_components)
+            if flat_mask is not None:
+                inner = inner * flat_mask[:, :, None].to(inner.dtype)
+            inner = acts_hook(inner.reshape(*record.batch_shape, *inner.shape[1:]))
+            inner = inner.reshape(-1, *inner.shape[n_batch_dims:])
+            out = comp.summed_outer(inner, use.transposed, detach_components)
         if out.shape[-1] != math.prod(t.shape[n_batch_dims:]):
             raise RuntimeError(
                 f"weight {name!r}: component output width {out.shape[-1]} does not "
@@ -127,7 +154,10 @@ def hooked_forward(
         if i == 0:
             out = comp.hook_component_out(out)
         bias = biases[key]
-        return out if bias is None else out + bias
+        if bias is None:
+            return out
+        # the bias is laid out like d_out (e.g. a Linear's [h*e] bias at a [*, h, e] hook)
+        return out + bias.reshape(t.shape[n_batch_dims:])
 
     def hook_fn(t: Tensor, hook, name: str) -> Tensor:
         for key in plan.leave_at.get(name, ()):
@@ -137,7 +167,7 @@ def hooked_forward(
                 t = t.detach().requires_grad_(True)
             record.leaves[key] = t
         for key in plan.enter_at.get(name, ()):
-            record.enters[key] = flatten(t, name)
+            record.enters[key] = flatten(t, name, key)
         if name in act_hooks:
             record.acts[name] = t
         return t
@@ -158,3 +188,19 @@ def hooked_forward(
     if silent:
         raise RuntimeError(f"activation hooks never fired during the forward: {silent}")
     return record
+
+
+def one_hot_ids(ids: Tensor, n_batch_dims: int, spec: WeightSpec, model: nn.Module, hook_name: str) -> Tensor:
+    """An integer entering activation (token or position ids, e.g. an embedding's input) as the
+    one-hot rows ``[n_points, d_in]`` that select rows of the weight's matrix."""
+    if ids.ndim != n_batch_dims:
+        raise RuntimeError(
+            f"weight {spec.name!r}: integer entering activation at {hook_name!r} has shape {tuple(ids.shape)}; "
+            f"ids must have exactly the {n_batch_dims} batch dims (no feature dims)"
+        )
+    matrix = spec.to_matrix(get_parameter(model, spec.name))
+    d_in = matrix.shape[0]
+    flat = ids.reshape(-1)
+    if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= d_in):
+        raise RuntimeError(f"weight {spec.name!r}: ids at {hook_name!r} fall outside [0, {d_in}) (its d_in)")
+    return torch.nn.functional.one_hot(flat, d_in).to(matrix.dtype)

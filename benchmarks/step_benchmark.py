@@ -1,0 +1,233 @@
+"""Time one APD step and its parts: apd_lens vs the paper's per-output-loop attribution.
+
+    python benchmarks/step_benchmark.py [--cases tms-5-2,tms-40-10,resid-mlp-1,transformer-2l]
+                                        [--repeats 5] [--scaling]
+
+Both variants run side by side in this one process on the same model, batch and components; the
+baseline differs only in how attributions are computed: the paper's algorithm, one backward pass per
+output dimension in a Python loop, written plainly below. Prints milliseconds per part, the full step,
+the baseline/apd_lens ratio, and the peak resident memory of each case (each case runs in its own
+subprocess so peaks do not mix). ``--scaling`` adds step time vs output width (probe attributions)
+and vs C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import multiprocessing as mp
+import resource
+import statistics
+import sys
+import time
+import types
+from collections import defaultdict
+
+import torch
+
+from apd_lens import APDConfig
+from apd_lens.decomposition import Decomposition
+from apd_lens.hooked_forward import PassRecord
+
+PARTS = ("target_forward", "attribution", "masked_forward", "losses", "backward", "optimizer")
+
+
+# ----------------------------------------------------------------------------- the baseline
+def per_output_loop_attributions(self: Decomposition, record: PassRecord, generator=None):
+    """The paper's algorithm: for each output dim o, one backward of f_o; attr += (sum_u g_u . a_u)^2."""
+    specs = {s.name: s for s in self.specs}
+    keys = self.plan.use_keys()
+    leaves = [record.leaves[k] for k in keys]
+    comp_outs = {}
+    with torch.no_grad():
+        for name, i in keys:
+            use = specs[name].uses[i]
+            comp_outs[(name, i)] = self.components[name].component_outputs(record.enters[(name, i)], use.transposed)
+    out = record.output.reshape(record.output.shape[0], -1)
+    n_points = next(iter(comp_outs.values())).shape[0]
+    attr = torch.zeros(n_points, self.n_components)
+    for o in range(out.shape[1]):
+        grads = torch.autograd.grad(out[:, o].sum(), leaves, retain_graph=True, allow_unused=True)
+        inner = torch.zeros(n_points, self.n_components)
+        for key, g in zip(keys, grads, strict=True):
+            if g is not None:
+                inner += torch.einsum("nd,ncd->nc", g.reshape(n_points, -1), comp_outs[key])
+        attr += inner.square()
+    return attr
+
+
+# ----------------------------------------------------------------------------- cases
+def build_case(name: str, n_components: int | None = None, probes: int | None = None):
+    """(model, config, batch) for a benchmark case; targets are untrained (timing only)."""
+    if name.startswith("tms"):
+        from apd_lens.models.tms import TMS, TMSData
+
+        f, h = (5, 2) if name == "tms-5-2" else (40, 10)
+        model = TMS(f, h)
+        config = model.apd_default_config()
+        x = TMSData(f, config.batch_size, seed=1).sample()
+    elif name == "resid-mlp-1":
+        from apd_lens.models.resid_mlp import ResidMLPData, ResidualMLP
+
+        model = ResidualMLP(n_layers=1)
+        config = model.apd_default_config()
+        x = ResidMLPData(100, config.batch_size, seed=1).sample()
+    elif name.startswith("transformer-2l"):
+        from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+        cfg = HookedTransformerConfig(
+            n_layers=2,
+            d_model=32,
+            d_head=8,
+            n_heads=4,
+            d_mlp=64,
+            d_vocab=64,
+            n_ctx=16,
+            act_fn="gelu",
+            normalization_type="LNPre",
+            device="cpu",
+            seed=0,
+        )
+        model = HookedTransformer(cfg)
+        config = APDConfig(n_components=40, topk=2.0, batch_size=16, output_loss="kl")
+        x = torch.randint(0, 64, (16, 16), generator=torch.Generator().manual_seed(0))
+    else:
+        raise ValueError(f"unknown case {name!r}")
+    changes = {"progress": False}
+    if n_components is not None:
+        changes.update(n_components=n_components, topk=min(config.topk, n_components))
+    if probes is not None:
+        changes["attribution_probes"] = probes
+    return model, config.replace(**changes), x
+
+
+def time_steps(dec: Decomposition, x, repeats: int) -> dict[str, float]:
+    """Median milliseconds of each part of a step and of the whole step."""
+    optimizer = torch.optim.Adam(dec.component_parameters(), lr=1e-4)
+    samples: dict[str, list[float]] = defaultdict(list)
+
+    @contextlib.contextmanager
+    def section(name):
+        start = time.perf_counter()
+        yield
+        samples[name].append(time.perf_counter() - start)
+
+    dec.section_timer = section
+    for _ in range(repeats + 1):  # the first step warms up
+        start = time.perf_counter()
+        terms = dec.losses(x)
+        with section("backward"):
+            optimizer.zero_grad(set_to_none=True)
+            terms["total"].backward()
+        with section("optimizer"):
+            optimizer.step()
+        samples["step"].append(time.perf_counter() - start)
+    dec.section_timer = None
+    return {k: 1000 * statistics.median(v[1:]) for k, v in samples.items()}
+
+
+def run_case(name: str, repeats: int, n_components: int | None, probes: int | None, baseline: bool, queue) -> None:
+    try:
+        queue.put(measure_case(name, repeats, n_components, probes, baseline))
+    except Exception:  # report the failure to the parent instead of leaving it waiting
+        import traceback
+
+        queue.put({"error": traceback.format_exc()})
+
+
+def measure_case(name: str, repeats: int, n_components: int | None, probes: int | None, baseline: bool) -> dict:
+    torch.manual_seed(0)
+    model, config, x = build_case(name, n_components, probes)
+    from apd_lens.train import resolve_specs
+
+    dec = Decomposition(model, resolve_specs(model, None, config.weights), config)
+    result = {"ours": time_steps(dec, x, repeats)}
+    if baseline:
+        dec.attribution_values = types.MethodType(per_output_loop_attributions, dec)
+        result["baseline"] = time_steps(dec, x, repeats)
+    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return result
+
+
+def in_subprocess(*args) -> dict:
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=run_case, args=(*args, queue))
+    proc.start()
+    result = queue.get()
+    proc.join()
+    if "error" in result:
+        raise RuntimeError(f"benchmark case {args[0]!r} failed:\n{result['error']}")
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cases", default="tms-5-2,tms-40-10,resid-mlp-1,transformer-2l")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--scaling", action="store_true")
+    parser.add_argument("--json", default=None, help="also write the results to this file")
+    args = parser.parse_args(argv)
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, repeats {args.repeats}")
+    results = {}
+    header = f"{'case':<16}{'variant':<10}" + "".join(f"{p:>15}" for p in (*PARTS, "step")) + f"{'peak MB':>10}"
+    print(header)
+    for name in args.cases.split(","):
+        res = in_subprocess(name, args.repeats, None, None, True)
+        results[name] = res
+        for variant in ("baseline", "ours"):
+            row = res[variant]
+            print(
+                f"{name:<16}{variant:<10}"
+                + "".join(f"{row.get(p, 0):>15.2f}" for p in (*PARTS, "step"))
+                + f"{res['peak_rss_mb']:>10.0f}"
+            )
+        ratio = res["baseline"]["step"] / res["ours"]["step"]
+        attr_ratio = res["baseline"]["attribution"] / res["ours"]["attribution"]
+        print(f"{name:<16}RATIO full step baseline/apd_lens = {ratio:.1f}x   attribution = {attr_ratio:.1f}x")
+        sys.stdout.flush()
+    if args.scaling:
+        results["scaling"] = scaling(args.repeats)
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(results, fh, indent=1)
+
+
+def scaling(repeats: int) -> dict:
+    """Step time vs output width (TMS n_features, 16 probes) and vs C (TMS 40-10)."""
+    out: dict = {"width": {}, "C": {}}
+    print("\nstep time vs output width (TMS n_features -> n_features/4 hidden, C 40, 16 probes, batch 256)")
+    for width in (10, 100, 1000, 10_000):
+        res = in_subprocess_width(width, repeats)
+        out["width"][width] = res
+        print(f"  width {width:>6}: step {res['step']:8.2f} ms  attribution {res['attribution']:8.2f} ms")
+    print("step time vs C (TMS 40-10, exact attributions)")
+    for c in (10, 40, 160, 640):
+        res = in_subprocess("tms-40-10", repeats, c, None, False)["ours"]
+        out["C"][c] = res
+        print(f"  C {c:>5}: step {res['step']:8.2f} ms  attribution {res['attribution']:8.2f} ms")
+    return out
+
+
+def _width_case(width: int, repeats: int, queue) -> None:
+    from apd_lens.models.tms import TMS, TMSData
+
+    model = TMS(width, max(width // 4, 2))  # output width = n_features
+    config = APDConfig(n_components=40, topk=2.0, batch_size=256, attribution_probes=16, progress=False)
+    dec = Decomposition(model, model.apd_weight_specs(), config)
+    queue.put(time_steps(dec, TMSData(width, 256, seed=1).sample(), repeats))
+
+
+def in_subprocess_width(width: int, repeats: int) -> dict:
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_width_case, args=(width, repeats, queue))
+    proc.start()
+    result = queue.get()
+    proc.join()
+    return result
+
+
+if __name__ == "__main__":
+    main()
