@@ -14,6 +14,7 @@ from apd_lens._compat import HookedRootModule, HookPoint
 from apd_lens.attributions import activation_attributions, gradient_attributions
 from apd_lens.components import ComponentWeight
 from apd_lens.config import APDConfig
+from apd_lens.distributed import global_batch_topk_mask
 from apd_lens.hooked_forward import HookPlan, PassRecord, hooked_forward
 from apd_lens.losses import (
     activation_recon_loss,
@@ -174,9 +175,13 @@ class Decomposition(HookedRootModule):
             record, self.plan, self._components, cfg.attribution_probes, cfg.attribution_chunk, generator
         )
 
-    def mask_from_attributions(self, attributions: Float[Tensor, "*batch C"]) -> Float[Tensor, "*batch C"]:
+    def mask_from_attributions(
+        self, attributions: Float[Tensor, "*batch C"], across_ranks: bool = False
+    ) -> Float[Tensor, "*batch C"]:
+        """Top-k mask; ``across_ranks``: batch top-k over the global batch of a distributed step."""
         if self.config.topk_mode == "batch":
-            mask = batch_topk_mask(attributions, self.config.topk)
+            topk = global_batch_topk_mask if across_ranks else batch_topk_mask
+            mask = topk(attributions, self.config.topk)
         else:
             mask = per_example_topk_mask(attributions, self.config.topk)
         return self.hook_mask(mask)
@@ -275,7 +280,7 @@ class Decomposition(HookedRootModule):
             target = self.target_pass(x, make_leaves=make_leaves)
         with section("attribution"):
             attributions = self.attributions(x, record=target, generator=generator)
-            mask = self.mask_from_attributions(attributions)
+            mask = self.mask_from_attributions(attributions, across_ranks=True)
         with section("masked_forward"):
             masked = self.forward_with_mask(x, mask, act_hooks=cfg.act_recon_hooks)
         with section("losses"):

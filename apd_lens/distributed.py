@@ -1,0 +1,112 @@
+"""Data-parallel APD on torch.distributed (torchrun): shards, a global batch top-k, DDP.
+
+Under ``torchrun --nproc_per_node N``, every rank draws the same global batch and keeps its
+shard of it; gradients are averaged by DistributedDataParallel, and the batch top-k threshold is
+taken over the attributions of the whole global batch (all-gathered), so the decomposition means
+the same as one process on the global batch.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+from jaxtyping import Float
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+
+from apd_lens.masks import batch_topk_mask
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def is_main_process() -> bool:
+    """Rank 0 (or a single process): the one that writes checkpoints, logs and results."""
+    return rank() == 0
+
+
+def init_from_env(device: str = "cpu") -> bool:
+    """Join the process group torchrun describes (WORLD_SIZE > 1), with gloo on CPU and nccl on
+    CUDA. Returns whether this run is distributed. A no-op outside torchrun."""
+    if is_distributed():
+        return True
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    backend = "nccl" if str(device).startswith("cuda") else "gloo"
+    dist.init_process_group(backend=backend)
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    return True
+
+
+def resolve_device(device: str) -> torch.device:
+    """'cuda' under torchrun means this rank's own GPU (LOCAL_RANK)."""
+    if device == "cuda" and is_distributed():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device(device)
+
+
+def shard(batch: Tensor) -> Tensor:
+    """This rank's contiguous slice of a global batch; the batch must split evenly."""
+    n = world_size()
+    if n == 1:
+        return batch
+    if batch.shape[0] % n:
+        raise ValueError(f"global batch of {batch.shape[0]} examples does not split evenly over {n} ranks")
+    size = batch.shape[0] // n
+    return batch[rank() * size : (rank() + 1) * size]
+
+
+def global_batch_topk_mask(attributions: Float[Tensor, "*batch C"], k: float) -> Float[Tensor, "*batch C"]:
+    """Batch top-k over the attributions of all ranks together; returns this rank's part of the mask."""
+    n = world_size()
+    if n == 1:
+        return batch_topk_mask(attributions, k)
+    gathered = [torch.empty_like(attributions) for _ in range(n)]
+    dist.all_gather(gathered, attributions.contiguous())
+    mask = batch_topk_mask(torch.cat(gathered, dim=0), k)
+    size = attributions.shape[0]
+    return mask[rank() * size : (rank() + 1) * size]
+
+
+class _LossStep(nn.Module):
+    """``forward(x, generator)`` = the decomposition's loss terms: the module DDP wraps."""
+
+    def __init__(self, decomposition: nn.Module):
+        super().__init__()
+        self.decomposition = decomposition
+
+    def forward(self, x: Tensor, generator: torch.Generator | None = None) -> dict[str, Tensor]:
+        return self.decomposition.losses(x, generator=generator)
+
+
+def data_parallel_step(decomposition: nn.Module) -> Callable[[Tensor, torch.Generator | None], dict[str, Tensor]]:
+    """The loss function of one step: ``decomposition.losses``, wrapped in DistributedDataParallel
+    when running distributed (gradients of the component parameters are averaged over ranks)."""
+    if not is_distributed():
+        return lambda x, generator=None: decomposition.losses(x, generator=generator)
+    device = next(iter(decomposition.component_parameters())).device
+    ids = [device.index] if device.type == "cuda" else None
+    return DistributedDataParallel(_LossStep(decomposition), device_ids=ids, broadcast_buffers=False)
+
+
+def mean_over_ranks(values: dict[str, Tensor]) -> dict[str, float]:
+    """Scalars averaged over all ranks (for logging), as Python floats."""
+    names = sorted(values)
+    stacked = torch.stack([values[k].detach().float() for k in names])
+    if is_distributed():
+        dist.all_reduce(stacked)
+        stacked /= world_size()
+    return dict(zip(names, stacked.tolist(), strict=True))

@@ -1,0 +1,38 @@
+"""Run by tests/test_distributed.py: a small TMS decomposition, single process or under torchrun."""
+
+import sys
+
+import torch
+
+import apd_lens
+from apd_lens import APDConfig, distributed
+from apd_lens.models.tms import TMS
+
+
+def main(out_path: str) -> None:
+    torch.manual_seed(0)
+    model = TMS(8, 3, seed=0).double()
+    data = torch.rand(512, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    data = data * (torch.rand(512, 8, generator=torch.Generator().manual_seed(2), dtype=torch.float64) < 0.3)
+    config = APDConfig(
+        n_components=6,
+        topk=1.5,
+        steps=30,
+        batch_size=64,
+        lr=1e-2,
+        progress=False,
+        log_every=10,
+        simplicity_coeff=0.5,
+        schatten_p=0.9,
+    )
+    dec = apd_lens.decompose(model, data, config)
+    if distributed.is_main_process():
+        torch.save(
+            {k: v.detach().cpu() for k, v in dec.state_dict().items() if not k.startswith("model.")}
+            | {"history": dec.loss_history, "world": distributed.world_size()},
+            out_path,
+        )
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

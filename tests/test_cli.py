@@ -1,0 +1,126 @@
+"""The ``apd-lens`` command line tool, each command run end to end with few steps."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from apd_lens.cli import main
+from apd_lens.models.tms import TMS, TMSData
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_console_script_is_declared_and_help_works_everywhere(capsys):
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    module, func = scripts["apd-lens"].split(":")
+    assert getattr(importlib.import_module(module), func) is main
+    for argv in ([], ["train-target"], ["decompose"], ["report"]):
+        with pytest.raises(SystemExit) as exit_:
+            main([*argv, "--help"])
+        assert exit_.value.code == 0
+        out = capsys.readouterr().out
+        assert out.startswith("usage: apd-lens") and "--help" in out
+    proc = subprocess.run([sys.executable, "-m", "apd_lens.cli", "--help"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0
+    for command in ("train-target", "decompose", "report"):
+        assert command in proc.stdout
+
+
+def brute_mmcs_ml2r(components: torch.Tensor, target: torch.Tensor) -> tuple[float, float]:
+    """Feature by feature, component by component (the slow obvious way)."""
+    cos_sum = ratio_sum = 0.0
+    for j in range(target.shape[0]):
+        best, best_c = -2.0, 0
+        for c in range(components.shape[0]):
+            v, w = components[c, j], target[j]
+            cos = float(v @ w / (v.norm() * w.norm()))
+            if cos > best:
+                best, best_c = cos, c
+        cos_sum += best
+        ratio_sum += float(components[best_c, j].norm() / target[j].norm())
+    return cos_sum / target.shape[0], ratio_sum / target.shape[0]
+
+
+def test_train_decompose_report_end_to_end(tmp_path, capsys):
+    target, run = tmp_path / "target", tmp_path / "run"
+    assert main(["train-target", "tms-5-2", "--out", str(target), "--steps", "200", "--no-progress"]) == 0
+    meta = json.loads((target / "target.json").read_text())
+    assert meta["name"] == "tms-5-2" and meta["steps"] == 200
+    trained = TMS(5, 2, seed=0)
+    trained.load_state_dict(load_file(target / "model.safetensors"))
+    x = TMSData(5, 2000, seed=99).sample()
+    with torch.no_grad():
+        assert (trained(x) - x).square().mean() < (TMS(5, 2, seed=0)(x) - x).square().mean()
+
+    argv = ["decompose", str(target), "--out", str(run), "--steps", "30", "--batch-size", "64"]
+    assert main([*argv, "--checkpoint-every", "10", "--set", "simplicity_coeff=0.5", "--no-progress"]) == 0
+    cfg = json.loads((run / "cfg.json").read_text())["config"]
+    assert (cfg["steps"], cfg["batch_size"], cfg["simplicity_coeff"], cfg["topk"]) == (30, 64, 0.5, 0.211)
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_000000020.ckpt", "step_000000030.ckpt"]
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 29]
+
+    assert main(["report", str(run), "--eval-batch", "500"]) == 0
+    assert "mmcs=" in capsys.readouterr().out
+    report = json.loads((run / "report" / "metrics.json").read_text())
+    tensors = load_file(run / "components.safetensors")
+    components = tensors["W.A"] @ tensors["W.B"]
+    W = trained.W.detach()
+    mmcs, ml2r = brute_mmcs_ml2r(components, W)
+    assert report["eval"]["mmcs"] == pytest.approx(mmcs, abs=1e-5)
+    assert report["eval"]["ml2r"] == pytest.approx(ml2r, abs=1e-5)
+    faith = float((W - components.sum(0)).square().sum() / W.square().sum())
+    assert report["eval"]["relative_faithfulness"]["W"] == pytest.approx(faith, rel=1e-4)
+    assert report["final_losses"] == rows[-1]
+    assert report["eval_batch"] == 500
+    # batch top-k keeps int(0.211 * 500) = 105 (point, component) pairs
+    assert report["eval"]["mean_active_components"] == pytest.approx(105 / 500)
+    for fig in report["figures"]:
+        assert Path(fig).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert {Path(f).name for f in report["figures"]} == {"losses.png", "component_frequency.png", "components_W.png"}
+
+
+def test_decompose_resume_after_interruption(tmp_path):
+    target = tmp_path / "target"
+    main(["train-target", "tms-5-2", "--out", str(target), "--steps", "20", "--no-progress"])
+    argv = ["decompose", str(target), "--steps", "12", "--batch-size", "32", "--checkpoint-every", "4"]
+    main([*argv, "--out", str(tmp_path / "a"), "--keep-checkpoints", "0", "--no-progress"])
+    main([*argv, "--out", str(tmp_path / "b"), "--keep-checkpoints", "0", "--no-progress"])
+    # make b look like a run killed after its step-4 checkpoint
+    for name in ("cfg.json", "components.safetensors"):
+        (tmp_path / "b" / name).unlink()
+    for late in ("step_000000008.ckpt", "step_000000012.ckpt"):
+        (tmp_path / "b" / "checkpoints" / late).unlink()
+    assert main(["decompose", str(target), "--out", str(tmp_path / "b"), "--resume", "--no-progress"]) == 0
+    a = load_file(tmp_path / "a" / "components.safetensors")
+    b = load_file(tmp_path / "b" / "components.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(FileExistsError, match="already holds a run"):
+        main([*argv, "--out", str(tmp_path / "a"), "--no-progress"])
+
+
+def test_cli_errors_are_clear(tmp_path):
+    with pytest.raises(SystemExit, match="holds no trained target"):
+        main(["decompose", str(tmp_path), "--out", str(tmp_path / "run")])
+    target = tmp_path / "target"
+    main(["train-target", "tms-5-2", "--out", str(target), "--steps", "5", "--no-progress"])
+    with pytest.raises(SystemExit, match="unknown config field"):
+        main(["decompose", str(target), "--out", str(tmp_path / "r1"), "--set", "no_such_field=1"])
+    with pytest.raises(SystemExit, match="--set expects FIELD=VALUE"):
+        main(["decompose", str(target), "--out", str(tmp_path / "r2"), "--set", "steps"])
+    with pytest.raises(ValueError, match="topk must be > 0"):
+        main(["decompose", str(target), "--out", str(tmp_path / "r3"), "--set", "topk=-1"])
+    with pytest.raises(SystemExit, match="holds no run started by"):
+        main(["decompose", str(target), "--out", str(tmp_path / "r4"), "--resume"])
+    with pytest.raises(SystemExit) as exit_:
+        main(["train-target", "tms-3-1", "--out", str(tmp_path / "x")])
+    assert exit_.value.code == 2
