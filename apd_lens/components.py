@@ -90,6 +90,9 @@ class ComponentWeight(nn.Module):
         rows, comps = rows[order], comps[order]
         scale = mask[rows, comps].to(x.dtype)[:, None]
         counts = torch.bincount(comps, minlength=self.n_components).tolist()
+        # unbind, not a[c]: its backward stacks the per-component grads once instead of
+        # materializing a full-size zero gradient for every indexed component
+        a, b = a.unbind(0), b.unbind(0)
         pieces, start = [], 0
         for c, count in enumerate(counts):
             if count == 0:

@@ -55,6 +55,8 @@ class Decomposition(HookedRootModule):
             ).to(device=matrix.device, dtype=matrix.dtype)
             self._attach(spec.name, comp)
             self._components[spec.name] = comp
+        names = [s.name for s in self.specs] + [u.bias for s in self.specs for u in s.uses if u.bias]
+        self._target_snapshot = {n: get_parameter(model, n).detach().clone() for n in dict.fromkeys(names)}
         self.hook_attributions = HookPoint()
         self.hook_mask = HookPoint()
         self.loss_history: list[dict[str, float]] = []
@@ -134,15 +136,31 @@ class Decomposition(HookedRootModule):
             raise TypeError(f"expected a torch.Tensor batch, got {type(x).__name__}")
         if x.numel() == 0:
             raise ValueError(f"empty batch of shape {tuple(x.shape)}")
+        reference = next(iter(self._components.values())).A
+        if x.device != reference.device:
+            raise ValueError(f"the batch is on {x.device} but the model and components are on {reference.device}")
         if torch.is_floating_point(x) and not torch.isfinite(x).all():
             raise ValueError("the batch contains NaN or Inf values")
+        if torch.is_floating_point(x) and x.dtype != reference.dtype:
+            raise TypeError(f"the batch has dtype {x.dtype} but the model's weights are {reference.dtype}")
+
+    def check_target_unchanged(self, when: str = "") -> None:
+        """Raise if a decomposed weight or its bias changed since the decomposition was built."""
+        for name, saved in self._target_snapshot.items():
+            current = get_parameter(self.model, name).detach()
+            if current.shape != saved.shape or not torch.equal(current.to(saved.device), saved):
+                raise RuntimeError(
+                    f"parameter {name!r} of the target model changed during the decomposition{when}; "
+                    "the target must stay frozen (train or edit a copy)"
+                )
 
     def _forward(self, x: Tensor, **kw) -> PassRecord:
         try:
             return hooked_forward(self.model, x, self.plan, self.n_batch_dims(x), **kw)
         except RuntimeError as err:
             raise RuntimeError(
-                f"forward of {type(self.model).__name__} failed on a batch of shape {tuple(x.shape)}: {err}"
+                f"forward of {type(self.model).__name__} failed on a batch of shape {tuple(x.shape)} "
+                f"and dtype {x.dtype}: {err}"
             ) from err
 
     def target_pass(self, x: Tensor, make_leaves: bool = True) -> PassRecord:

@@ -171,22 +171,39 @@ def run_steps(
         bad = [k for k, v in terms.items() if not torch.isfinite(v)]
         if bad:
             raise FloatingPointError(
-                f"step {step}: non-finite loss term(s) {bad}: { {k: float(v) for k, v in terms.items()} }"
+                f"step {step}: non-finite loss term(s) {bad}: { {k: v.detach().item() for k, v in terms.items()} }"
             )
         optimizer.zero_grad(set_to_none=True)
         terms["total"].backward()
+        check_gradients(decomposition, step)
         optimizer.step()
         if cfg.unit_norm_A:
             for comp in decomposition.components.values():
                 comp.normalize_A()
         row = None
         if step % cfg.log_every == 0 or step == cfg.steps - 1:
+            decomposition.check_target_unchanged(f" (found at step {step})")
             row = {"step": step, "lr": optimizer.param_groups[0]["lr"]}
             row.update(distributed.mean_over_ranks({k: v.detach() for k, v in terms.items()}))
             decomposition.loss_history.append(row)
             bar.set_postfix({k: f"{v:.3g}" for k, v in row.items() if k not in ("step", "lr")})
         if after_step is not None:
             after_step(step, row)
+
+
+def check_gradients(decomposition: Decomposition, step: int) -> None:
+    """Raise, before the optimizer touches anything, if a component gradient is not finite."""
+    named = [
+        (f"{name}.{label}", p) for name, c in decomposition.components.items() for label, p in (("A", c.A), ("B", c.B))
+    ]
+    named = [(n, p.grad) for n, p in named if p.grad is not None]
+    if not named:
+        return
+    norms = torch.stack([g.norm() for _, g in named])
+    if bool(torch.isfinite(norms).all()):
+        return
+    bad = [n for (n, _), norm in zip(named, norms, strict=True) if not torch.isfinite(norm)]
+    raise FloatingPointError(f"step {step}: non-finite gradient of {bad}; stopped before the update")
 
 
 # ------------------------------------------------------------------------------ resuming

@@ -23,6 +23,7 @@ class TwoLayerMLP(HookedRootModule):
         self.hook_pre = HookPoint()
         self.hook_post = HookPoint()
         self.hook_out = HookPoint()
+        self.hook_unused = HookPoint()  # exists but never fires, like TL hooks of disabled flags
         self.setup()
 
     def forward(self, x):
