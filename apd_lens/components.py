@@ -61,6 +61,14 @@ class ComponentWeight(nn.Module):
         a, b = (self.A.detach(), self.B.detach()) if detach else (self.A, self.B)
         return torch.einsum("ncm,cim->nci", inner, a) if transposed else torch.einsum("ncm,cmo->nco", inner, b)
 
+    def project_onto_inner(
+        self, grad: Float[Tensor, "k d_out"], transposed: bool, detach: bool = True
+    ) -> Float[Tensor, "k C m"]:
+        """``grad @ outer_c^T`` for every component: a gradient on the output side taken back to
+        the rank-m inner activations (``B_c`` is the outer map, or ``A_c^T`` when transposed)."""
+        a, b = (self.A.detach(), self.B.detach()) if detach else (self.A, self.B)
+        return torch.einsum("kd,cdm->kcm", grad, a) if transposed else torch.einsum("kd,cmd->kcm", grad, b)
+
     def summed_outer(
         self, inner: Float[Tensor, "n C m"], transposed: bool, detach: bool = False
     ) -> Float[Tensor, "n d"]:

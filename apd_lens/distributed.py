@@ -58,6 +58,16 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+@torch.no_grad()
+def broadcast_module(module: nn.Module) -> nn.Module:
+    """Make every rank hold rank 0's parameters and buffers (e.g. a target trained on each rank,
+    which can differ in the last bits on GPU). A no-op outside a distributed run."""
+    if is_distributed():
+        for tensor in [*module.parameters(), *module.buffers()]:
+            dist.broadcast(tensor.data, src=0)
+    return module
+
+
 def shard(batch: Tensor) -> Tensor:
     """This rank's contiguous slice of a global batch; the batch must split evenly."""
     n = world_size()
@@ -99,7 +109,7 @@ def data_parallel_step(decomposition: nn.Module) -> Callable[[Tensor, torch.Gene
         return lambda x, generator=None: decomposition.losses(x, generator=generator)
     device = next(iter(decomposition.component_parameters())).device
     ids = [device.index] if device.type == "cuda" else None
-    return DistributedDataParallel(_LossStep(decomposition), device_ids=ids, broadcast_buffers=False)
+    return DistributedDataParallel(_LossStep(decomposition), device_ids=ids)
 
 
 def mean_over_ranks(values: dict[str, Tensor]) -> dict[str, float]:

@@ -124,6 +124,6 @@ def train_tms(
     model: TMS, steps: int = 5000, batch_size: int = 1024, lr: float = 5e-3, seed: int = 0, progress: bool = True
 ) -> list[float]:
     """The paper's target training: AdamW (wd 0.01), lr 5e-3, MSE to reconstruct the input."""
-    data = TMSData(model.n_features, batch_size, seed=seed)
+    data = TMSData(model.n_features, batch_size, seed=seed, device=model.W.device)
     batches = ((x, x) for x in data)
     return train_target(model, batches, lambda out, y: (out - y).square().mean(), steps, lr, progress=progress)
