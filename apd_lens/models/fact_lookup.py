@@ -1,0 +1,206 @@
+"""A one-layer transformer trained on a synthetic key -> value fact lookup task.
+
+Each sequence is ``[key, SEP]``; the model must predict ``SEP`` after the key and the key's value
+after ``SEP``. Key ``i`` maps to value ``n_facts + perm[i]`` (a fixed random bijection), so every
+fact is one mechanism: attention moves the key to the SEP position and the MLP looks its value up
+(the residual stream is too narrow for a linear key -> value map).
+Built from a config (no downloads) as a TransformerLens HookedTransformer (TL 3.x).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Int
+from torch import Tensor
+
+from apd_lens.config import APDConfig
+from apd_lens.models.target_training import train_target
+
+
+@dataclass(frozen=True)
+class FactLookupTask:
+    """Tokens ``0..n_facts-1`` are keys, ``n_facts..2*n_facts-1`` values, ``2*n_facts`` is SEP."""
+
+    n_facts: int = 24
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.n_facts < 2:
+            raise ValueError(f"n_facts must be >= 2, got {self.n_facts}")
+
+    @property
+    def sep(self) -> int:
+        return 2 * self.n_facts
+
+    @property
+    def d_vocab(self) -> int:
+        return 2 * self.n_facts + 1
+
+    def values(self) -> Int[Tensor, " n_facts"]:
+        """The value token of every key."""
+        perm = torch.randperm(self.n_facts, generator=torch.Generator().manual_seed(self.seed))
+        return self.n_facts + perm
+
+    def sequences(self, keys: Int[Tensor, " n"] | None = None) -> Int[Tensor, "n 2"]:
+        """``[key, SEP]`` for the given keys (all facts by default)."""
+        keys = torch.arange(self.n_facts) if keys is None else keys
+        return torch.stack([keys, torch.full_like(keys, self.sep)], dim=1)
+
+    def targets(self, keys: Int[Tensor, " n"] | None = None) -> Int[Tensor, "n 2"]:
+        """Next-token labels: SEP after the key, the value after SEP."""
+        keys = torch.arange(self.n_facts) if keys is None else keys
+        return torch.stack([torch.full_like(keys, self.sep), self.values()[keys]], dim=1)
+
+    def sample_keys(self, n: int, generator: torch.Generator) -> Int[Tensor, " n"]:
+        return torch.randint(0, self.n_facts, (n,), generator=generator)
+
+
+def make_fact_lookup_model(task: FactLookupTask, d_model: int = 8, d_mlp: int = 48, n_heads: int = 2, seed: int = 0):
+    """A 1-layer HookedTransformer (LNPre, learned positions) sized for the task.
+
+    ``d_model`` is kept well below ``n_facts`` so that no linear path (embed -> attention OV ->
+    unembed) can map every key to its value: the lookup has to happen in the MLP.
+    """
+    try:
+        from transformer_lens import HookedTransformer, HookedTransformerConfig
+    except ImportError as err:  # TL 4.x
+        raise ImportError("the fact-lookup model is a HookedTransformer: it needs transformer-lens 3.x") from err
+    cfg = HookedTransformerConfig(
+        n_layers=1,
+        d_model=d_model,
+        d_head=d_model // n_heads,
+        n_heads=n_heads,
+        d_mlp=d_mlp,
+        d_vocab=task.d_vocab,
+        n_ctx=2,
+        act_fn="relu",
+        normalization_type="LNPre",
+        device="cpu",
+        seed=seed,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return HookedTransformer(cfg)
+
+
+def train_fact_lookup(
+    model,
+    task: FactLookupTask,
+    steps: int = 2000,
+    batch_size: int = 256,
+    lr: float = 3e-3,
+    seed: int = 0,
+    act_l1: float = 0.0,
+    progress=True,
+) -> list[float]:
+    """Cross-entropy on both positions (AdamW, wd 0.01, cosine schedule), plus ``act_l1`` times the
+    mean L1 norm of the MLP's post-activations (sparse neurons: each fact uses few of them)."""
+    gen = torch.Generator().manual_seed(seed)
+    post: dict[str, Tensor] = {}
+
+    def batches():
+        while True:
+            keys = task.sample_keys(batch_size, gen)
+            yield task.sequences(keys), task.targets(keys)
+
+    def loss_fn(logits: Tensor, y: Tensor) -> Tensor:
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+        return loss + act_l1 * post["acts"].abs().sum(-1).mean() if act_l1 else loss
+
+    def keep(t: Tensor, hook) -> None:
+        post["acts"] = t
+
+    model.add_hook("blocks.0.mlp.hook_post", keep)
+    try:
+        return train_target(
+            model, batches(), loss_fn, steps, lr, schedule="cosine", warmup_frac=0.02, progress=progress
+        )
+    finally:
+        model.reset_hooks()
+
+
+@torch.no_grad()
+def mlp_dependence(model, task: FactLookupTask) -> float:
+    """Fraction of facts the model gets wrong when the MLP output is zeroed (how much it needs the MLP)."""
+    x = task.sequences()
+    logits = model.run_with_hooks(x, fwd_hooks=[("blocks.0.hook_mlp_out", lambda t, hook: torch.zeros_like(t))])
+    return (logits[:, -1].argmax(-1) != task.values()).float().mean().item()
+
+
+@torch.no_grad()
+def fact_accuracy(model, task: FactLookupTask) -> float:
+    """Fraction of facts whose value is the argmax after SEP."""
+    logits = model(task.sequences())
+    return (logits[:, -1].argmax(-1) == task.values()).float().mean().item()
+
+
+def fact_lookup_apd_config(task: FactLookupTask, **changes) -> APDConfig:
+    """Settings for decomposing the MLP of the fact-lookup model (KL output; not yet tuned to separate facts)."""
+    base = dict(
+        n_components=task.n_facts + 8,
+        rank=1,
+        topk=1.25,
+        attribution="gradient",
+        attribution_source="components",
+        output_loss="kl",
+        faithfulness_coeff=1.0,
+        minimality_coeff=100.0,
+        simplicity_coeff=10.0,
+        schatten_p=0.9,
+        unit_norm_A=True,
+        lr=2e-3,
+        lr_schedule="cosine",
+        lr_warmup_frac=0.01,
+        steps=6000,
+        batch_size=128,
+        weights=("blocks.0.mlp.W_in", "blocks.0.mlp.W_out"),
+        extra={"experiment": f"fact-lookup-{task.n_facts}"},
+    )
+    base.update(changes)
+    return APDConfig(**base)
+
+
+@dataclass
+class FactAssignment:
+    """Which component carries each fact (see :func:`dedicated_facts`)."""
+
+    n_dedicated: int
+    own: list[int]
+    """Per fact, its highest-attributed component at SEP outside the shared ones."""
+    dedicated: list[bool]
+    shared: list[int]
+    """Components active (batch top-k) at SEP for more than ``shared_frac`` of the facts."""
+
+
+@torch.no_grad()
+def dedicated_facts(decomposition, task: FactLookupTask, shared_frac: float = 0.5) -> FactAssignment:
+    """How many facts get their own component.
+
+    At the SEP position, components in the batch top-k mask of more than ``shared_frac`` of the
+    facts are shared mechanisms (e.g. the response to SEP itself). A fact's own component is its
+    highest-attributed non-shared one. The fact is dedicated when (1) no other fact has the same
+    own component, (2) the shared components plus its own make the model predict its value, and
+    (3) the shared components alone do not (all components stay on at the key position).
+    """
+    x = task.sequences()
+    n_comp = decomposition.n_components
+    attributions = decomposition.attributions(x)[:, -1]  # [n_facts, C]
+    active = decomposition.topk_mask(x)[:, -1]
+    shared = active.mean(0) > shared_frac
+    own = attributions.masked_fill(shared, float("-inf")).argmax(-1)
+
+    def predicts_value(sep_mask: Tensor) -> Tensor:
+        mask = torch.ones(*x.shape, n_comp)
+        mask[:, -1] = sep_mask
+        return decomposition(x, mask)[:, -1].argmax(-1) == task.values()
+
+    base = shared.float().expand(task.n_facts, n_comp)
+    with_own = predicts_value((base + F.one_hot(own, n_comp)).clamp(max=1))
+    without_own = predicts_value(base)
+    unique = torch.bincount(own, minlength=n_comp)[own] == 1
+    dedicated = unique & with_own & ~without_own
+    return FactAssignment(int(dedicated.sum()), own.tolist(), dedicated.tolist(), shared.nonzero().flatten().tolist())

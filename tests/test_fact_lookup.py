@@ -1,0 +1,75 @@
+"""The fact-lookup task and transformer: data layout, training to full accuracy, a short APD run."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("transformer_lens.HookedTransformer")
+
+import apd_lens  # noqa: E402
+from apd_lens.adapters import select_weights  # noqa: E402
+from apd_lens.models.fact_lookup import (  # noqa: E402
+    FactLookupTask,
+    dedicated_facts,
+    fact_accuracy,
+    fact_lookup_apd_config,
+    make_fact_lookup_model,
+    mlp_dependence,
+    train_fact_lookup,
+)
+
+
+def test_task_layout():
+    task = FactLookupTask(n_facts=6, seed=1)
+    values = task.values()
+    assert sorted(values.tolist()) == list(range(6, 12))  # a bijection onto the value tokens
+    assert torch.equal(task.values(), values)  # fixed by the seed
+    x, y = task.sequences(), task.targets()
+    assert x.tolist() == [[k, 12] for k in range(6)]
+    assert y.tolist() == [[12, values[k].item()] for k in range(6)]
+    assert task.d_vocab == 13
+    with pytest.raises(ValueError, match="n_facts"):
+        FactLookupTask(n_facts=1)
+
+
+@pytest.fixture(scope="module")
+def trained():
+    task = FactLookupTask(n_facts=8, seed=0)
+    model = make_fact_lookup_model(task, d_model=4, d_mlp=32)
+    assert fact_accuracy(model, task) < 0.5  # untrained: near chance
+    train_fact_lookup(model, task, steps=400, lr=1e-2, progress=False)
+    return task, model
+
+
+def test_training_learns_every_fact_in_the_mlp(trained):
+    task, model = trained
+    assert fact_accuracy(model, task) == 1.0
+    assert mlp_dependence(model, task) >= 0.5  # the narrow residual forces the lookup into the MLP
+
+
+def test_short_decomposition_of_the_mlp(trained):
+    task, model = trained
+    config = fact_lookup_apd_config(task, steps=30, batch_size=32, progress=False)
+    keys = task.sample_keys(256, torch.Generator().manual_seed(1))
+    decomp = apd_lens.decompose(model, task.sequences(keys), config, weights=select_weights(model, config.weights))
+    assert [s.name for s in decomp.specs] == ["blocks.0.mlp.W_in", "blocks.0.mlp.W_out"]
+    result = dedicated_facts(decomp, task)
+    assert len(result.own) == task.n_facts and result.n_dedicated == sum(result.dedicated)
+    # a fact counts only if its own component is not another fact's, and not a shared one
+    for fact, (comp, ok) in enumerate(zip(result.own, result.dedicated, strict=True)):
+        if ok:
+            assert result.own.count(comp) == 1 and comp not in result.shared, fact
+
+
+def test_activation_l1_makes_the_mlp_sparse():
+    task = FactLookupTask(n_facts=8, seed=0)
+    active = []
+    for act_l1 in (0.0, 0.1):
+        model = make_fact_lookup_model(task, d_model=4, d_mlp=32)
+        train_fact_lookup(model, task, steps=400, lr=1e-2, act_l1=act_l1, progress=False)
+        assert fact_accuracy(model, task) == 1.0
+        _, cache = model.run_with_cache(task.sequences(), names_filter="blocks.0.mlp.hook_post")
+        post = cache["blocks.0.mlp.hook_post"][:, -1]
+        active.append((post > 0.05 * post.max()).sum(-1).float().mean().item())
+    assert active[1] < 0.5 * active[0], active
