@@ -1,5 +1,7 @@
 # One-command set-up for a fresh machine: `make demo` (main job) and `make test` (test suite).
-# torch==2.13.0 is installed first so that nothing pulls a CUDA build of torch.
+# torch==2.13.0 is installed first so that nothing pulls a CUDA build of torch. The dev venv uses
+# transformer-lens 3.9 (HookedTransformer and TransformerBridge); `make test` then also runs the
+# TransformerBridge tests under transformer-lens 4.x in a second venv (scripts/test_tl4.sh).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -10,7 +12,7 @@ STAMP := $(VENV)/.apd_lens_installed
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet "torch==2.13.0"
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	$(BIN)/python -m pip install --quiet "transformer-lens>=3.9,<4" -e ".[dev]"
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -21,6 +23,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest tests -q
+	bash scripts/test_tl4.sh
 
 lint: $(STAMP)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

@@ -17,6 +17,7 @@ import argparse
 import contextlib
 import json
 import multiprocessing as mp
+import os
 import resource
 import statistics
 import sys
@@ -168,7 +169,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--scaling", action="store_true")
     parser.add_argument("--json", default=None, help="also write the results to this file")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads per case (default: torch's)")
     args = parser.parse_args(argv)
+    if args.threads:
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)  # inherited by the spawned case processes
+        torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, repeats {args.repeats}")
     results = {}
     header = f"{'case':<16}{'variant':<10}" + "".join(f"{p:>15}" for p in (*PARTS, "step")) + f"{'peak MB':>10}"
