@@ -13,14 +13,13 @@ compute the 100 ReLUs in superposition ("compressed computation").
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 
 from apd_lens._compat import HookedRootModule, HookPoint
 from apd_lens.config import APDConfig
+from apd_lens.models.sparse_data import SparseFeatureData
 from apd_lens.models.target_training import train_target
 from apd_lens.spec import WeightSpec, WeightUse
 
@@ -189,7 +188,7 @@ def resid_mlp_labels(x: Float[Tensor, "*batch n_features"]) -> Float[Tensor, "*b
     return x + torch.relu(x)
 
 
-class ResidMLPData:
+class ResidMLPData(SparseFeatureData):
     """Endless batches of sparse features: each on with probability ``p``, value U[-1, 1]."""
 
     def __init__(
@@ -200,22 +199,7 @@ class ResidMLPData:
         seed: int = 0,
         device: str | torch.device = "cpu",
     ):
-        if not 0 < p <= 1:
-            raise ValueError(f"feature probability must be in (0, 1], got {p}")
-        if n_features < 1 or batch_size < 1:
-            raise ValueError(f"n_features and batch_size must be >= 1, got {n_features}, {batch_size}")
-        self.n_features, self.batch_size, self.p, self.device = n_features, batch_size, p, device
-        self.generator = torch.Generator().manual_seed(seed)
-
-    def sample(self, batch_size: int | None = None) -> Float[Tensor, "batch n_features"]:
-        n = batch_size or self.batch_size
-        on = torch.rand(n, self.n_features, generator=self.generator) < self.p
-        values = torch.rand(n, self.n_features, generator=self.generator) * 2 - 1
-        return (on * values).to(self.device)
-
-    def __iter__(self) -> Iterator[Tensor]:
-        while True:
-            yield self.sample()
+        super().__init__(n_features, batch_size, p, -1.0, 1.0, seed, device)
 
 
 def train_resid_mlp(

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 
 from apd_lens._compat import HookedRootModule, HookPoint
 from apd_lens.config import APDConfig
+from apd_lens.models.sparse_data import SparseFeatureData
 from apd_lens.models.target_training import train_target
 from apd_lens.spec import WeightSpec, WeightUse
 
@@ -58,42 +57,39 @@ class TMS(HookedRootModule):
 
     def apd_default_config(self) -> APDConfig:
         """The paper's settings for TMS 5-2 and 40-10 (other sizes get the 40-10 recipe)."""
-        rank = min(self.n_features, self.n_hidden) + 1
+        common = {
+            "rank": min(self.n_features, self.n_hidden) + 1,
+            "faithfulness_coeff": 1.0,
+            "lr_warmup_frac": 0.05,
+            "steps": 20_000,
+            "batch_size": 2048,
+            "extra": {"experiment": f"tms-{self.n_features}-{self.n_hidden}"},
+        }
         if (self.n_features, self.n_hidden) == (5, 2):
-            return APDConfig(
-                n_components=5,
-                rank=rank,
-                topk=0.211,
-                attribution_source="components",
-                faithfulness_coeff=1.0,
-                minimality_coeff=1.0,
-                simplicity_coeff=0.7,
-                schatten_p=1.0,
-                lr=3e-2,
-                lr_schedule="constant",
-                lr_warmup_frac=0.05,
-                steps=20_000,
-                batch_size=2048,
-                extra={"experiment": "tms-5-2"},
-            )
-        return APDConfig(
-            n_components=self.n_features,
-            rank=rank,
-            topk=2.0,
-            faithfulness_coeff=1.0,
-            minimality_coeff=10.0,
-            simplicity_coeff=20.0,
-            schatten_p=0.9,
-            lr=1e-3,
-            lr_schedule="cosine",
-            lr_warmup_frac=0.05,
-            steps=20_000,
-            batch_size=2048,
-            extra={"experiment": f"tms-{self.n_features}-{self.n_hidden}"},
-        )
+            paper = {
+                "n_components": 5,
+                "topk": 0.211,
+                "attribution_source": "components",
+                "minimality_coeff": 1.0,
+                "simplicity_coeff": 0.7,
+                "schatten_p": 1.0,
+                "lr": 3e-2,
+                "lr_schedule": "constant",
+            }
+        else:
+            paper = {
+                "n_components": self.n_features,
+                "topk": 2.0,
+                "minimality_coeff": 10.0,
+                "simplicity_coeff": 20.0,
+                "schatten_p": 0.9,
+                "lr": 1e-3,
+                "lr_schedule": "cosine",
+            }
+        return APDConfig(**common, **paper)
 
 
-class TMSData:
+class TMSData(SparseFeatureData):
     """Endless batches of sparse features: each on with probability ``p``, value U[0, 1]."""
 
     def __init__(
@@ -104,20 +100,7 @@ class TMSData:
         seed: int = 0,
         device: str | torch.device = "cpu",
     ):
-        if not 0 < p <= 1:
-            raise ValueError(f"feature probability must be in (0, 1], got {p}")
-        self.n_features, self.batch_size, self.p, self.device = n_features, batch_size, p, device
-        self.generator = torch.Generator().manual_seed(seed)
-
-    def sample(self, batch_size: int | None = None) -> Float[Tensor, "batch n_features"]:
-        n = batch_size or self.batch_size
-        on = torch.rand(n, self.n_features, generator=self.generator) < self.p
-        values = torch.rand(n, self.n_features, generator=self.generator)
-        return (on * values).to(self.device)
-
-    def __iter__(self) -> Iterator[Tensor]:
-        while True:
-            yield self.sample()
+        super().__init__(n_features, batch_size, p, 0.0, 1.0, seed, device)
 
 
 def train_tms(
