@@ -114,7 +114,7 @@ def hooked_forward(
         return t.reshape(math.prod(shape), -1)
 
     flat_mask = None if mask is None else mask.reshape(-1, mask.shape[-1])
-    density = None if flat_mask is None else float((flat_mask != 0).float().mean())
+    density: list[float] = []  # computed on first need, once per forward
 
     def use_sparse(comp: ComponentWeight, n_points: int, acts_hook) -> bool:
         """Sparse path when asked, or (auto) when the mask is sparse, the dense work is large and
@@ -124,7 +124,11 @@ def hooked_forward(
         if sparse is not None:
             return sparse
         dense_work = n_points * comp.n_components * comp.rank * (comp.d_in + comp.d_out)
-        return density < SPARSE_DENSITY and dense_work > SPARSE_MIN_WORK
+        if dense_work <= SPARSE_MIN_WORK:
+            return False
+        if not density:
+            density.append(float((flat_mask != 0).float().mean()))
+        return density[0] < SPARSE_DENSITY
 
     def replace(key: UseKey, t: Tensor, hook_name: str) -> Tensor:
         name, i = key

@@ -87,14 +87,18 @@ def _axis_sizes(pattern: str, shape: torch.Size) -> dict[str, int]:
 
 
 def get_parameter(model: nn.Module, name: str) -> torch.Tensor:
-    """The model's parameter (or buffer) called ``name``, with a clear error if missing."""
-    named = dict(model.named_parameters())
-    named.update(dict(model.named_buffers()))
-    if name not in named:
-        close = [n for n in named if n.split(".")[-1] == name.split(".")[-1]][:5]
-        hint = f" Similar names: {close}." if close else ""
-        raise KeyError(f"The model has no parameter named {name!r}.{hint}")
-    return named[name]
+    """The model's parameter (or buffer) called ``name``, with a clear error if missing.
+
+    Looked up by its dotted path (no walk over the whole model: this runs on every forward)."""
+    for lookup in (model.get_parameter, model.get_buffer):
+        try:
+            return lookup(name)
+        except AttributeError:
+            continue
+    named = [n for n, _ in model.named_parameters()] + [n for n, _ in model.named_buffers()]
+    close = [n for n in named if n.split(".")[-1] == name.split(".")[-1]][:5]
+    hint = f" Similar names: {close}." if close else ""
+    raise KeyError(f"The model has no parameter named {name!r}.{hint}")
 
 
 def validate_specs(model: nn.Module, specs: list[WeightSpec]) -> None:
