@@ -5,10 +5,10 @@ Gradient attribution (the paper's): for data point n and component c,
     attr[n, c] = sum_o ( sum_u  d f_o / d leave_u [n]  .  (enter_u[n] @ P_c) )^2
 
 with f the model output, u running over all uses of all decomposed weights. The gradients are
-vector-Jacobian products of the output with a batch of output probes, all in one batched
-backward (``is_grads_batched``): exact mode uses the one-hot basis of the output dims (every
-dim but the first, which indexes independent examples), stochastic mode uses k Rademacher
-probes r, for which E[(r^T J a)^2] = ||J a||^2.
+vector-Jacobian products of the output with a batch of output probes, never a Python loop over
+outputs (see :mod:`apd_lens.leave_gradients` for the two ways they are taken): exact mode uses
+the one-hot basis of the output dims (every dim but the first, which indexes independent
+examples), stochastic mode uses k Rademacher probes r, for which E[(r^T J a)^2] = ||J a||^2.
 """
 
 from __future__ import annotations
@@ -17,30 +17,27 @@ import math
 
 import torch
 from jaxtyping import Float
-from torch import Tensor
+from torch import Tensor, nn
 
 from apd_lens.components import ComponentWeight
 from apd_lens.hooked_forward import HookPlan, PassRecord
+from apd_lens.leave_gradients import LeaveGradients, batched_leave_gradients, shared_over_examples
 
 
 def exact_probes(output: Tensor) -> Tensor:
-    """One-hot probes over all output dims but the first, broadcast over examples: [K, *output]."""
+    """One-hot probes over all output dims but the first (which indexes independent examples):
+    ``[K, 1, *output.shape[1:]]``, the same for every example."""
     n_out = math.prod(output.shape[1:])
     eye = torch.eye(n_out, dtype=output.dtype, device=output.device)
-    return eye.reshape(n_out, 1, *output.shape[1:]).expand(n_out, *output.shape)
+    return eye.reshape(n_out, 1, *output.shape[1:])
 
 
 def random_probes(output: Tensor, n_probes: int, generator: torch.Generator | None = None) -> Tensor:
-    """Rademacher probes [K, *output], the same for every example (dim 0): examples are independent,
-    so each example's estimate stays unbiased, and a gradient that does not depend on the example
-    stays shared (see :func:`gradient_attributions`)."""
+    """Rademacher probes ``[K, 1, *output.shape[1:]]``, the same for every example: examples are
+    independent, so each example's estimate stays unbiased, and a gradient that does not depend
+    on the example stays shared (see :func:`gradient_attributions`)."""
     signs = torch.randint(0, 2, (n_probes, 1, *output.shape[1:]), generator=generator, device="cpu")
-    return (signs.to(output.dtype) * 2 - 1).to(output.device).expand(n_probes, *output.shape)
-
-
-def _shared_over_points(grad: Float[Tensor, "k n d"]) -> bool:
-    """Whether every data point got the same gradient (e.g. a linear read-out after the hook)."""
-    return grad.shape[1] > 1 and torch.equal(grad, grad[:, :1].expand_as(grad))
+    return (signs.to(output.dtype) * 2 - 1).to(output.device)
 
 
 def gradient_attributions(
@@ -50,21 +47,24 @@ def gradient_attributions(
     n_probes: int | None = None,
     probe_chunk: int | None = None,
     generator: torch.Generator | None = None,
+    leave_gradients: LeaveGradients | None = None,
 ) -> Float[Tensor, "n_points C"]:
-    """Gradient attributions from a pass recorded with ``make_leaves=True``.
+    """Gradient attributions of every component on every data point of a recorded pass.
 
     ``n_probes=None`` computes them exactly; otherwise an unbiased estimate from that many
-    random probes. ``probe_chunk`` bounds how many probes go through one batched backward.
+    random probes. ``probe_chunk`` bounds how many probes are taken back at once.
+    ``leave_gradients`` computes the gradients of the probes at the leaving activations (see
+    :mod:`apd_lens.leave_gradients`); default: one batched backward of ``record`` (recorded
+    with ``make_leaves=True``).
 
     For each use, ``g . (z_c @ outer_c)`` with ``z_c = enter @ A_c`` (the rank-m inner
-    activations) is computed per data point, or, when the gradient is the same for every data
-    point, as ``z_c . (g @ outer_c^T)`` with the projection done once: equal, and cheaper when
-    ``d_out`` is large.
+    activations) is computed per data point, or, when the gradient is the same for every example,
+    as ``z_c . (g @ outer_c^T)`` with the projection done once per position: equal, and cheaper
+    when ``d_out`` is large.
     """
     keys = plan.use_keys()
-    leaves = [record.leaves[k] for k in keys]
-    if not any(t.requires_grad for t in leaves):
-        raise RuntimeError("no leaving activation carries a gradient path to the output")
+    if leave_gradients is None:
+        leave_gradients = batched_leave_gradients(record, keys)
     uses = {(s.name, i): u for s in plan.specs for i, u in enumerate(s.uses)}
     with torch.no_grad():
         inner_acts = {
@@ -84,21 +84,66 @@ def gradient_attributions(
     for start in range(0, probes.shape[0], chunk):
         part = probes[start : start + chunk]
         last = start + chunk >= probes.shape[0]
-        grads = torch.autograd.grad(
-            record.output, leaves, grad_outputs=part, retain_graph=not last, is_grads_batched=True, allow_unused=True
-        )
+        grads = leave_gradients(part, retain_graph=not last)
         inner = torch.zeros(part.shape[0], n_points, n_components, dtype=total.dtype, device=total.device)
         for key, grad in zip(keys, grads, strict=True):
             if grad is None:
                 continue
-            g = grad.reshape(part.shape[0], n_points, -1)
-            if _shared_over_points(g):
-                projected = components[key[0]].project_onto_inner(g[:, 0], uses[key].transposed)
-                inner += torch.einsum("ncm,kcm->knc", inner_acts[key], projected)
+            n_probe, n_examples, n_positions, d = grad.shape
+            if shared_over_examples(grad):
+                shared = grad[:, 0].reshape(n_probe * n_positions, d)
+                projected = components[key[0]].project_onto_inner(shared, uses[key].transposed)
+                projected = projected.reshape(n_probe, n_positions, n_components, -1)
+                acts = inner_acts[key].reshape(n_examples, n_positions, n_components, -1)
+                inner += torch.einsum("bpcm,kpcm->kbpc", acts, projected).reshape(n_probe, n_points, n_components)
             else:
-                inner += torch.einsum("knd,ncd->knc", g, outputs(key))
+                inner += torch.einsum("knd,ncd->knc", grad.reshape(n_probe, n_points, d), outputs(key))
         total += inner.square().sum(0)
     return total if n_probes is None else total / n_probes
+
+
+def jvp_attributions(
+    model: nn.Module, x: Tensor, record: PassRecord, plan: HookPlan, components: dict[str, ComponentWeight]
+) -> Float[Tensor, "n_examples C"]:
+    """Exact gradient attributions by forward mode: per component c, one Jacobian-vector product
+    of the model with tangent ``enter_u @ P_c`` at every leaving activation u, all components
+    at once under ``vmap``; ``attr[n, c] = ||J_n a_c||^2``. Cheaper than probing every output
+    when C is not much larger than the output width and the layers after the decomposed
+    weights are cheap (e.g. the toy model of superposition). Needs data points = examples
+    (one batch dim): a tangent at one token position would move every later position.
+    """
+    if len(record.batch_shape) != 1:
+        raise ValueError(
+            f"forward-mode (jvp) attributions need one batch dim (data points = examples), got batch shape "
+            f"{record.batch_shape}; use attribution_backend='vmap' or 'batched'"
+        )
+    uses = {(s.name, i): u for s in plan.specs for i, u in enumerate(s.uses)}
+    keys = plan.use_keys()
+    tangents = {
+        k: components[k[0]]
+        .outputs_by_component(record.enters[k], uses[k].transposed)
+        .reshape(-1, *record.leaves[k].shape)
+        for k in keys
+    }
+    current: dict[str, dict] = {}
+
+    def add_perturbation(key):
+        return lambda t, hook: t + current["deltas"][key]
+
+    def output_of(deltas):
+        current["deltas"] = deltas
+        return model(x)
+
+    def jvp_of(tangent):
+        zeros = {k: torch.zeros_like(record.leaves[k]) for k in keys}
+        return torch.func.jvp(output_of, (zeros,), (tangent,))[1]
+
+    with model.hooks(fwd_hooks=[(uses[k].leave, add_perturbation(k)) for k in keys]):
+        try:
+            out = torch.func.vmap(jvp_of)(tangents)  # [C, n, *output]
+        finally:
+            current.clear()
+    return out.reshape(out.shape[0], out.shape[1], -1).square().sum(-1).T
 
 
 def activation_attributions(

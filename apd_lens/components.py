@@ -54,7 +54,8 @@ class ComponentWeight(nn.Module):
     def inner_acts(self, x: Float[Tensor, "n d"], transposed: bool, detach: bool = False) -> Float[Tensor, "n C m"]:
         """``x @ A_c`` (or ``x @ B_c^T`` for a transposed use) for every component."""
         a, b = (self.A.detach(), self.B.detach()) if detach else (self.A, self.B)
-        return torch.einsum("ni,cmi->ncm", x, b) if transposed else torch.einsum("ni,cim->ncm", x, a)
+        # one batched matmul over C with x broadcast (no copy of A or x), as a [n, C, m] view
+        return torch.matmul(x, b.transpose(1, 2) if transposed else a).transpose(0, 1)
 
     def outer(self, inner: Float[Tensor, "n C m"], transposed: bool, detach: bool = False) -> Float[Tensor, "n C d"]:
         """Per-component outputs from inner activations."""
@@ -83,6 +84,17 @@ class ComponentWeight(nn.Module):
         self, x: Float[Tensor, "n d"], transposed: bool, detach: bool = False
     ) -> Float[Tensor, "n C d"]:
         return self.outer(self.inner_acts(x, transposed, detach), transposed, detach)
+
+    def outputs_by_component(self, x: Float[Tensor, "n d"], transposed: bool) -> Float[Tensor, "C n d_out"]:
+        """``x @ P_c`` for every component, component-major and detached, through the rank-m
+        factors or through the full matrices, whichever needs fewer multiply-adds."""
+        a, b = self.A.detach(), self.B.detach()
+        if self.d_in * self.d_out <= self.rank * (self.d_in + self.d_out):
+            full = a @ b  # [C, d_in, d_out]
+            return torch.matmul(x, full.transpose(1, 2) if transposed else full)
+        if transposed:
+            return torch.matmul(torch.matmul(x, b.transpose(1, 2)), a.transpose(1, 2))
+        return torch.matmul(torch.matmul(x, a), b)
 
     def sparse_masked_output(
         self, x: Float[Tensor, "n d"], mask: Float[Tensor, "n C"], transposed: bool, detach: bool = False

@@ -9,6 +9,7 @@ from typing import Any
 _CHOICES = {
     "attribution": ("gradient", "activation"),
     "attribution_source": ("target", "components"),
+    "attribution_backend": ("auto", "vmap", "batched", "jvp"),
     "topk_mode": ("batch", "per_example"),
     "output_loss": ("mse", "kl"),
     "lr_schedule": ("constant", "cosine", "linear"),
@@ -35,6 +36,12 @@ class APDConfig:
     """None: exact attributions; k: unbiased estimate from k random output probes."""
     attribution_chunk: int | None = None
     """At most this many output probes per batched backward (bounds memory); None: all at once."""
+    attribution_backend: str = "auto"
+    """How gradient attributions are computed (equal results): "vmap" (functorch; a gradient that
+    is the same for every example is computed once), "batched" (one batched autograd backward),
+    "jvp" (forward mode, one Jacobian-vector product per component: cheaper when C is close to
+    the output width, as in TMS; exact, target attributions, one batch dim), "auto": vmap,
+    falling back to batched with a warning if the model's forward cannot be vmapped."""
     faithfulness_coeff: float = 1.0
     minimality_coeff: float = 1.0
     simplicity_coeff: float = 1.0
@@ -93,6 +100,13 @@ class APDConfig:
             problems.append("act_recon_coeff > 0 needs act_recon_hooks (the hooks to reconstruct)")
         if self.attribution_probes is not None and self.attribution_probes < 1:
             problems.append(f"attribution_probes must be None or >= 1, got {self.attribution_probes}")
+        if self.attribution_backend == "jvp" and (
+            self.attribution_probes is not None or self.attribution_source != "target"
+        ):
+            problems.append(
+                "attribution_backend 'jvp' computes exact target attributions: it needs attribution_probes=None "
+                f"and attribution_source='target', got {self.attribution_probes!r} and {self.attribution_source!r}"
+            )
         if self.attribution_chunk is not None and self.attribution_chunk < 1:
             problems.append(f"attribution_chunk must be None or >= 1, got {self.attribution_chunk}")
         if self.n_batch_dims is not None and self.n_batch_dims < 1:

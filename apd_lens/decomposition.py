@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -11,11 +12,12 @@ from jaxtyping import Bool, Float
 from torch import Tensor, nn
 
 from apd_lens._compat import HookedRootModule, HookPoint
-from apd_lens.attributions import activation_attributions, gradient_attributions
+from apd_lens.attributions import activation_attributions, gradient_attributions, jvp_attributions
 from apd_lens.components import ComponentWeight
 from apd_lens.config import APDConfig
 from apd_lens.distributed import global_batch_topk_mask
 from apd_lens.hooked_forward import HookPlan, PassRecord, hooked_forward
+from apd_lens.leave_gradients import vmap_leave_gradients
 from apd_lens.losses import (
     activation_recon_loss,
     faithfulness_loss,
@@ -60,6 +62,8 @@ class Decomposition(HookedRootModule):
         self.hook_attributions = HookPoint()
         self.hook_mask = HookPoint()
         self.loss_history: list[dict[str, float]] = []
+        self.vmap_failure: str | None = None
+        """Why the model's forward could not be vmapped (then attributions use batched backward)."""
         self.section_timer = None
         """Optional callable(name) -> context manager, wrapped around each part of a step (benchmarks)."""
         self.setup()
@@ -173,24 +177,73 @@ class Decomposition(HookedRootModule):
     ) -> Float[Tensor, "*batch C"]:
         """Attribution of every component on every data point of ``x``."""
         cfg = self.config
-        if record is None:
+        if record is None and cfg.attribution_source == "target":
             self.check_input(x)
-            record = self.target_pass(x) if cfg.attribution_source == "target" else None
+            record = self.target_pass(x, make_leaves=self._needs_leaves())
         if cfg.attribution_source == "components":
+            if record is None:
+                self.check_input(x)
             with torch.enable_grad():
                 record = self._forward(x, components=self._components, make_leaves=True, detach_components=True)
-        flat = self.attribution_values(record, generator)
+        flat = self.attribution_values(record, generator, x)
         return self.hook_attributions(flat.detach().reshape(*record.batch_shape, -1))
 
+    def uses_vmap(self) -> bool:
+        """Whether target gradient attributions go through ``torch.func.vmap`` (see
+        :mod:`apd_lens.leave_gradients`)."""
+        cfg = self.config
+        return (
+            cfg.attribution == "gradient"
+            and cfg.attribution_source == "target"
+            and cfg.attribution_backend in ("auto", "vmap")
+            and self.vmap_failure is None
+        )
+
+    def _needs_leaves(self) -> bool:
+        """Whether the target pass must record leaving activations with a graph (batched backward)."""
+        cfg = self.config
+        return (
+            cfg.attribution == "gradient"
+            and cfg.attribution_source == "target"
+            and cfg.attribution_backend != "jvp"
+            and not self.uses_vmap()
+        )
+
     def attribution_values(
-        self, record: PassRecord, generator: torch.Generator | None = None
+        self, record: PassRecord, generator: torch.Generator | None = None, x: Tensor | None = None
     ) -> Float[Tensor, "n_points C"]:
-        """Attributions ``[n_points, C]`` from a recorded pass (leaves made for gradients)."""
+        """Attributions ``[n_points, C]`` from a recorded pass (of ``x``, needed for vmap)."""
         cfg = self.config
         if cfg.attribution == "activation":
             return activation_attributions(record, self.plan, self._components)
-        return gradient_attributions(
-            record, self.plan, self._components, cfg.attribution_probes, cfg.attribution_chunk, generator
+        if cfg.attribution_backend == "jvp" and x is not None:
+            return jvp_attributions(self.model, x, record, self.plan, self._components)
+        probes = (cfg.attribution_probes, cfg.attribution_chunk, generator)
+        if x is not None and self.uses_vmap():
+            state = None if generator is None else generator.get_state()
+            grads = vmap_leave_gradients(self.model, x, self.plan, record, self.plan.use_keys())
+            try:
+                with torch.enable_grad():
+                    return gradient_attributions(record, self.plan, self._components, *probes, leave_gradients=grads)
+            except Exception as err:  # noqa: BLE001 -- any functorch failure: fall back, loudly
+                self._vmap_failed(err)
+            if generator is not None:
+                generator.set_state(state)  # the fall-back draws the same probes
+            if not any(t.requires_grad for t in record.leaves.values()):
+                with torch.enable_grad():
+                    record = self._forward(x, make_leaves=True)
+        return gradient_attributions(record, self.plan, self._components, *probes)
+
+    def _vmap_failed(self, err: Exception) -> None:
+        if self.config.attribution_backend == "vmap":
+            raise RuntimeError(
+                f"attribution_backend='vmap': the forward of {type(self.model).__name__} cannot be vmapped: {err}"
+            ) from err
+        self.vmap_failure = f"{type(err).__name__}: {err}"
+        warnings.warn(
+            f"the forward of {type(self.model).__name__} cannot be vmapped ({self.vmap_failure}); "
+            "attributions fall back to one batched backward (equal results, slower)",
+            stacklevel=3,
         )
 
     def mask_from_attributions(
@@ -294,8 +347,7 @@ class Decomposition(HookedRootModule):
         self.check_input(x)
         section = self.section_timer or (lambda name: contextlib.nullcontext())
         with section("target_forward"):
-            make_leaves = cfg.attribution == "gradient" and cfg.attribution_source == "target"
-            target = self.target_pass(x, make_leaves=make_leaves)
+            target = self.target_pass(x, make_leaves=self._needs_leaves())
         with section("attribution"):
             attributions = self.attributions(x, record=target, generator=generator)
             mask = self.mask_from_attributions(attributions, across_ranks=True)

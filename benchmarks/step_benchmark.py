@@ -30,12 +30,14 @@ import torch
 from apd_lens import APDConfig
 from apd_lens.decomposition import Decomposition
 from apd_lens.hooked_forward import PassRecord
+from apd_lens.malloc_tuning import keep_freed_memory
+from apd_lens.train import make_optimizer
 
 PARTS = ("target_forward", "attribution", "masked_forward", "losses", "backward", "optimizer")
 
 
 # ----------------------------------------------------------------------------- the baseline
-def per_output_loop_attributions(self: Decomposition, record: PassRecord, generator=None):
+def per_output_loop_attributions(self: Decomposition, record: PassRecord, generator=None, x=None):
     """The paper's algorithm: for each output dim o, one backward of f_o; attr += (sum_u g_u . a_u)^2."""
     specs = {s.name: s for s in self.specs}
     keys = self.plan.use_keys()
@@ -105,7 +107,7 @@ def build_case(name: str, n_components: int | None = None, probes: int | None = 
 
 def time_steps(dec: Decomposition, x, repeats: int) -> dict[str, float]:
     """Median milliseconds of each part of a step and of the whole step."""
-    optimizer = torch.optim.Adam(dec.component_parameters(), lr=1e-4)
+    optimizer = make_optimizer(dec.component_parameters(), lr=1e-4)
     samples: dict[str, list[float]] = defaultdict(list)
 
     @contextlib.contextmanager
@@ -138,6 +140,7 @@ def run_case(name: str, repeats: int, n_components: int | None, probes: int | No
 
 
 def measure_case(name: str, repeats: int, n_components: int | None, probes: int | None, baseline: bool) -> dict:
+    keep_freed_memory()  # as decompose() does; baseline and ours share this process
     torch.manual_seed(0)
     model, config, x = build_case(name, n_components, probes)
     from apd_lens.train import resolve_specs
@@ -145,6 +148,10 @@ def measure_case(name: str, repeats: int, n_components: int | None, probes: int 
     dec = Decomposition(model, resolve_specs(model, None, config.weights), config)
     result = {"ours": time_steps(dec, x, repeats)}
     if baseline:
+        # same engine with the batched-backward attributions (before vmap), then the paper's loop;
+        # both need the target pass to record leaving activations with a graph
+        dec.config = config.replace(attribution_backend="batched")
+        result["batched"] = time_steps(dec, x, repeats)
         dec.attribution_values = types.MethodType(per_output_loop_attributions, dec)
         result["baseline"] = time_steps(dec, x, repeats)
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -181,7 +188,7 @@ def main(argv: list[str] | None = None) -> None:
     for name in args.cases.split(","):
         res = in_subprocess(name, args.repeats, None, None, True)
         results[name] = res
-        for variant in ("baseline", "ours"):
+        for variant in ("baseline", "batched", "ours"):
             row = res[variant]
             print(
                 f"{name:<16}{variant:<10}"
@@ -216,6 +223,7 @@ def scaling(repeats: int) -> dict:
 
 
 def _width_case(width: int, repeats: int, queue) -> None:
+    keep_freed_memory()
     from apd_lens.models.tms import TMS, TMSData
 
     model = TMS(width, max(width // 4, 2))  # output width = n_features

@@ -60,9 +60,9 @@ def brute_attributions(dec: Decomposition, x: torch.Tensor, source: str) -> torc
 
 
 @pytest.mark.parametrize("kind", ["tms", "mlp"])
-@pytest.mark.parametrize("source", ["target", "components"])
-def test_gradient_attributions_match_per_output_loop(kind, source):
-    dec, x = make(kind, source)
+@pytest.mark.parametrize("source,backend", [("target", "vmap"), ("target", "batched"), ("components", "auto")])
+def test_gradient_attributions_match_per_output_loop(kind, source, backend):
+    dec, x = make(kind, source, attribution_backend=backend)
     got = dec.attributions(x)
     want = brute_attributions(dec, x, source)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-10)

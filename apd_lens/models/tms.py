@@ -85,6 +85,8 @@ class TMS(HookedRootModule):
                 "schatten_p": 0.9,
                 "lr": 1e-3,
                 "lr_schedule": "cosine",
+                # forward mode: C tangents through two small matmuls beat n_features output probes
+                "attribution_backend": "jvp",
             }
         return APDConfig(**common, **paper)
 
