@@ -85,7 +85,7 @@ def gradient_attributions(
         part = probes[start : start + chunk]
         last = start + chunk >= probes.shape[0]
         grads = leave_gradients(part, retain_graph=not last)
-        inner = torch.zeros(part.shape[0], n_points, n_components, dtype=total.dtype, device=total.device)
+        inner = None  # [K, n_points, C]: sum over uses of g . (enter @ P_c)
         for key, grad in zip(keys, grads, strict=True):
             if grad is None:
                 continue
@@ -95,10 +95,12 @@ def gradient_attributions(
                 projected = components[key[0]].project_onto_inner(shared, uses[key].transposed)
                 projected = projected.reshape(n_probe, n_positions, n_components, -1)
                 acts = inner_acts[key].reshape(n_examples, n_positions, n_components, -1)
-                inner += torch.einsum("bpcm,kpcm->kbpc", acts, projected).reshape(n_probe, n_points, n_components)
+                term = torch.einsum("bpcm,kpcm->kbpc", acts, projected).reshape(n_probe, n_points, n_components)
             else:
-                inner += torch.einsum("knd,ncd->knc", grad.reshape(n_probe, n_points, d), outputs(key))
-        total += inner.square().sum(0)
+                term = torch.einsum("knd,ncd->knc", grad.reshape(n_probe, n_points, d), outputs(key))
+            inner = term if inner is None else inner.add_(term)
+        if inner is not None:
+            total += torch.linalg.vector_norm(inner, dim=0).square()
     return total if n_probes is None else total / n_probes
 
 

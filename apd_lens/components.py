@@ -9,6 +9,7 @@ from jaxtyping import Float
 from torch import Tensor, nn
 
 from apd_lens._compat import HookPoint
+from apd_lens.sparse_masked import sparse_masked_matmul
 
 
 class ComponentWeight(nn.Module):
@@ -105,26 +106,7 @@ class ComponentWeight(nn.Module):
         components per data point): one small matmul pair per active component.
         """
         a, b = (self.A.detach(), self.B.detach()) if detach else (self.A, self.B)
-        rows, comps = mask.nonzero(as_tuple=True)
-        order = comps.argsort(stable=True)
-        rows, comps = rows[order], comps[order]
-        scale = mask[rows, comps].to(x.dtype)[:, None]
-        counts = torch.bincount(comps, minlength=self.n_components).tolist()
-        # unbind, not a[c]: its backward stacks the per-component grads once instead of
-        # materializing a full-size zero gradient for every indexed component
-        a, b = a.unbind(0), b.unbind(0)
-        pieces, start = [], 0
-        for c, count in enumerate(counts):
-            if count == 0:
-                continue
-            xc = x[rows[start : start + count]]
-            start += count
-            pieces.append((xc @ b[c].T) @ a[c].T if transposed else (xc @ a[c]) @ b[c])
-        d_out = self.d_in if transposed else self.d_out
-        out = x.new_zeros(x.shape[0], d_out)
-        if not pieces:
-            return out
-        return out.index_add(0, rows, torch.cat(pieces) * scale)
+        return sparse_masked_matmul(x, a, b, mask, transposed)
 
     @torch.no_grad()
     def normalize_A(self) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor
@@ -15,8 +16,28 @@ def faithfulness_loss(targets: dict[str, Tensor], components: dict[str, Componen
     ``targets`` maps each weight name to its ``[d_in, d_out]`` target matrix.
     """
     n_params = sum(w.numel() for w in targets.values())
-    total = sum((targets[n] - components[n].summed_matrix()).square().sum() for n in targets)
+    total = sum(_SquaredResidual.apply(targets[n], components[n].A, components[n].B) for n in targets)
     return total / n_params
+
+
+class _SquaredResidual(torch.autograd.Function):
+    """``||W - sum_c A_c B_c||^2`` with the sum as one ``addbmm`` and the gradients as batched matmuls
+    against the broadcast residual: no permuted copy of A or B (each as large as the parameters)."""
+
+    @staticmethod
+    def forward(ctx, target: Tensor, a: Tensor, b: Tensor) -> Tensor:
+        residual = torch.addbmm(target, a, b, alpha=-1)
+        ctx.save_for_backward(residual, a, b)
+        return residual.square().sum()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        residual, a, b = ctx.saved_tensors
+        grad_sum = (-2 * grad) * residual  # d loss / d (sum_c A_c B_c)
+        broadcast = grad_sum.expand(a.shape[0], *grad_sum.shape)
+        grad_a = torch.bmm(broadcast, b.transpose(1, 2)) if ctx.needs_input_grad[1] else None
+        grad_b = torch.bmm(a.transpose(1, 2), broadcast) if ctx.needs_input_grad[2] else None
+        return None, grad_a, grad_b
 
 
 def output_loss(output: Tensor, target: Tensor, kind: str = "mse") -> Tensor:
