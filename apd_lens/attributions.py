@@ -23,6 +23,9 @@ from apd_lens.components import ComponentWeight
 from apd_lens.hooked_forward import HookPlan, PassRecord
 from apd_lens.leave_gradients import LeaveGradients, batched_leave_gradients, shared_over_examples
 
+_CHUNK_ELEMENTS = 2**21
+"""Per-example component outputs are built at most about this many elements at a time."""
+
 
 def exact_probes(output: Tensor) -> Tensor:
     """One-hot probes over all output dims but the first (which indexes independent examples):
@@ -70,12 +73,21 @@ def gradient_attributions(
         inner_acts = {
             key: components[key[0]].inner_acts(record.enters[key], uses[key].transposed, detach=True) for key in keys
         }
-    comp_outs: dict = {}
 
-    def outputs(key) -> Tensor:
-        if key not in comp_outs:
-            comp_outs[key] = components[key[0]].outer(inner_acts[key], uses[key].transposed, detach=True)
-        return comp_outs[key]
+    def per_example_term(key, grad: Tensor) -> Tensor:
+        """``g[k, n] . (enter[n] @ P_c)`` for a gradient that differs between examples, in chunks of
+        data points so the component outputs ``[chunk, C, d]`` stay small (cache-sized)."""
+        comp, transposed = components[key[0]], uses[key].transposed
+        acts = inner_acts[key]
+        chunk = max(1, _CHUNK_ELEMENTS // (acts.shape[1] * grad.shape[-1]))
+        if chunk >= acts.shape[0]:
+            return torch.einsum("knd,ncd->knc", grad, comp.outer(acts, transposed, detach=True))
+        term = grad.new_empty(grad.shape[0], acts.shape[0], acts.shape[1])
+        for start in range(0, acts.shape[0], chunk):
+            rows = slice(start, start + chunk)
+            outs = comp.outer(acts[rows], transposed, detach=True)
+            term[:, rows] = torch.einsum("knd,ncd->knc", grad[:, rows], outs)
+        return term
 
     probes = exact_probes(record.output) if n_probes is None else random_probes(record.output, n_probes, generator)
     chunk = probes.shape[0] if probe_chunk is None else probe_chunk
@@ -97,7 +109,7 @@ def gradient_attributions(
                 acts = inner_acts[key].reshape(n_examples, n_positions, n_components, -1)
                 term = torch.einsum("bpcm,kpcm->kbpc", acts, projected).reshape(n_probe, n_points, n_components)
             else:
-                term = torch.einsum("knd,ncd->knc", grad.reshape(n_probe, n_points, d), outputs(key))
+                term = per_example_term(key, grad.reshape(n_probe, n_points, d))
             inner = term if inner is None else inner.add_(term)
         if inner is not None:
             total += torch.linalg.vector_norm(inner, dim=0).square()

@@ -3,12 +3,13 @@
     python benchmarks/step_benchmark.py [--cases tms-5-2,tms-40-10,resid-mlp-1,transformer-2l]
                                         [--repeats 5] [--scaling]
 
-Both variants run side by side in this one process on the same model, batch and components; the
-baseline differs only in how attributions are computed: the paper's algorithm, one backward pass per
-output dimension in a Python loop, written plainly below. Prints milliseconds per part, the full step,
-the baseline/apd_lens ratio, and the peak resident memory of each case (each case runs in its own
-subprocess so peaks do not mix). ``--scaling`` adds step time vs output width (probe attributions)
-and vs C.
+All variants run side by side in this one process on the same model, batch and components; they
+differ only in how attributions are computed: "ours" (the case's default attribution backend),
+"batched" (one batched autograd backward, ``attribution_backend="batched"``) and the baseline, the
+paper's algorithm, one backward pass per output dimension in a Python loop, written plainly below.
+Prints milliseconds per part, the full step, the baseline/apd_lens ratio, and the peak resident memory
+of each case (each case runs in its own subprocess so peaks do not mix). ``--scaling`` adds step time
+vs output width (probe attributions) and vs C.
 """
 
 from __future__ import annotations
@@ -209,7 +210,7 @@ def main(argv: list[str] | None = None) -> None:
 def scaling(repeats: int) -> dict:
     """Step time vs output width (TMS n_features, 16 probes) and vs C (TMS 40-10)."""
     out: dict = {"width": {}, "C": {}}
-    print("\nstep time vs output width (TMS n_features -> n_features/4 hidden, C 40, 16 probes, batch 256)")
+    print("\nstep time vs output width (TMS n_features -> 10 hidden, C 40, 16 probes, batch 256)")
     for width in (10, 100, 1000, 10_000):
         res = in_subprocess_width(width, repeats)
         out["width"][width] = res
@@ -226,7 +227,7 @@ def _width_case(width: int, repeats: int, queue) -> None:
     keep_freed_memory()
     from apd_lens.models.tms import TMS, TMSData
 
-    model = TMS(width, max(width // 4, 2))  # output width = n_features
+    model = TMS(width, 10)  # output width = n_features
     config = APDConfig(n_components=40, topk=2.0, batch_size=256, attribution_probes=16, progress=False)
     dec = Decomposition(model, model.apd_weight_specs(), config)
     queue.put(time_steps(dec, TMSData(width, 256, seed=1).sample(), repeats))
