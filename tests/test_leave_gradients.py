@@ -113,3 +113,18 @@ def test_forced_vmap_on_unvmappable_forward_is_an_error():
     dec, x = setup(item_in_forward=True, attribution_backend="vmap")
     with pytest.raises(RuntimeError, match="attribution_backend='vmap'.*cannot be vmapped"):
         dec.attributions(x)
+
+
+def test_jvp_backend_refuses_what_it_cannot_do():
+    with pytest.raises(ValueError, match="attribution_backend 'jvp'"):
+        APDConfig(attribution_backend="jvp", attribution_probes=4)
+    with pytest.raises(ValueError, match="attribution_backend 'jvp'"):
+        APDConfig(attribution_backend="jvp", attribution_source="components")
+    with pytest.raises(ValueError, match="attribution_backend must be one of"):
+        APDConfig(attribution_backend="fast")
+    model = ResidualBlock()
+    config = APDConfig(n_components=4, rank=2, attribution_backend="jvp", n_batch_dims=2)
+    dec = Decomposition(model, model.apd_weight_specs(), config)
+    x = torch.randn(3, 2, 5, dtype=torch.float64)  # two batch dims: a tangent at one point moves others
+    with pytest.raises(ValueError, match="one batch dim"):
+        dec.attributions(x)
