@@ -21,7 +21,12 @@ from torch import Tensor, nn
 
 from apd_lens.components import ComponentWeight
 from apd_lens.hooked_forward import HookPlan, PassRecord
-from apd_lens.leave_gradients import LeaveGradients, batched_leave_gradients, shared_over_examples
+from apd_lens.leave_gradients import (
+    LeaveGradients,
+    batched_leave_gradients,
+    leave_perturbations,
+    shared_over_examples,
+)
 
 _CHUNK_ELEMENTS = 2**21
 """Per-example component outputs are built at most about this many elements at a time."""
@@ -139,24 +144,13 @@ def jvp_attributions(
         .reshape(-1, *record.leaves[k].shape)
         for k in keys
     }
-    current: dict[str, dict] = {}
+    with leave_perturbations(model, plan, keys) as perturbed:
 
-    def add_perturbation(key):
-        return lambda t, hook: t + current["deltas"][key]
+        def jvp_of(tangent):
+            zeros = {k: torch.zeros_like(record.leaves[k]) for k in keys}
+            return torch.func.jvp(lambda deltas: perturbed(x, deltas), (zeros,), (tangent,))[1]
 
-    def output_of(deltas):
-        current["deltas"] = deltas
-        return model(x)
-
-    def jvp_of(tangent):
-        zeros = {k: torch.zeros_like(record.leaves[k]) for k in keys}
-        return torch.func.jvp(output_of, (zeros,), (tangent,))[1]
-
-    with model.hooks(fwd_hooks=[(uses[k].leave, add_perturbation(k)) for k in keys]):
-        try:
-            out = torch.func.vmap(jvp_of)(tangents)  # [C, n, *output]
-        finally:
-            current.clear()
+        out = torch.func.vmap(jvp_of)(tangents)  # [C, n, *output]
     return out.reshape(out.shape[0], out.shape[1], -1).square().sum(-1).T
 
 

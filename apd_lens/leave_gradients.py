@@ -24,8 +24,9 @@ feature dims flattened; ``None`` where the output does not depend on that use.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 from jaxtyping import Float
@@ -74,32 +75,20 @@ def vmap_leave_gradients(
     ``record`` (any pass of ``model`` on ``x``) gives the shapes of the leaving activations.
     """
     n_batch_dims = len(record.batch_shape)
-    leave_hook = {k: u.leave for s in plan.specs for k, u in zip(_keys_of(s), s.uses, strict=True)}
     point_shapes = {k: (1, *record.leaves[k].shape[1:]) for k in keys}
     dtypes = {k: record.leaves[k].dtype for k in keys}
-    current: dict[str, dict[UseKey, Tensor]] = {}
-
-    def add_perturbation(t: Tensor, hook, key: UseKey) -> Tensor:
-        return t + current["deltas"][key]
 
     def gradients(probes: Tensor, retain_graph: bool = True) -> list[Tensor | None]:
         point_probes = probes.reshape(probes.shape[0], *probes.shape[2:])
 
-        def per_example(x_n: Tensor) -> dict[UseKey, Tensor]:
-            def output_of(deltas: dict[UseKey, Tensor]) -> Tensor:
-                current["deltas"] = deltas
-                return model(x_n[None])[0]
+        with leave_perturbations(model, plan, keys) as perturbed:
 
-            zeros = {k: torch.zeros(point_shapes[k], dtype=dtypes[k], device=x.device) for k in keys}
-            _, pullback = torch.func.vjp(output_of, zeros)
-            return torch.func.vmap(pullback)(point_probes)[0]
+            def per_example(x_n: Tensor) -> dict[UseKey, Tensor]:
+                zeros = {k: torch.zeros(point_shapes[k], dtype=dtypes[k], device=x.device) for k in keys}
+                _, pullback = torch.func.vjp(lambda deltas: perturbed(x_n[None], deltas)[0], zeros)
+                return torch.func.vmap(pullback)(point_probes)[0]
 
-        hooks = [(leave_hook[k], _bind(add_perturbation, k)) for k in keys]
-        try:
-            with model.hooks(fwd_hooks=hooks):
-                grads = torch.func.vmap(per_example)(x)
-        finally:
-            current.clear()
+            grads = torch.func.vmap(per_example)(x)
         # [n_examples, K, 1, *rest] -> [K, n_examples, *rest]
         return [_grid(grads[k].movedim(0, 1).squeeze(2), n_batch_dims, probes.shape[0]) for k in keys]
 
@@ -113,12 +102,26 @@ def shared_over_examples(grad: Float[Tensor, "k n p d"]) -> bool:
     return grad.stride(1) == 0 or torch.equal(grad, grad[:, :1].expand_as(grad))
 
 
-def _keys_of(spec) -> list[UseKey]:
-    return [(spec.name, i) for i in range(len(spec.uses))]
+@contextlib.contextmanager
+def leave_perturbations(
+    model: nn.Module, plan: HookPlan, keys: list[UseKey]
+) -> Iterator[Callable[[Tensor, dict[UseKey, Tensor]], Tensor]]:
+    """Hooks that add a perturbation to the leaving activation of each use in ``keys``; yields
+    ``run(x, deltas) -> model(x)`` with ``deltas[key]`` added at that use's leaving hook. Gradients
+    (or tangents) with respect to the deltas at zero are those of the leaving activations."""
+    leave_hook = {(s.name, i): u.leave for s in plan.specs for i, u in enumerate(s.uses)}
+    current: dict[UseKey, Tensor] = {}
 
+    def perturb(key: UseKey) -> Callable:
+        return lambda t, hook: t + current[key]
 
-def _bind(fn: Callable, key: UseKey) -> Callable:
-    def hook(t: Tensor, hook) -> Tensor:
-        return fn(t, hook, key)
+    def run(x: Tensor, deltas: dict[UseKey, Tensor]) -> Tensor:
+        current.clear()
+        current.update(deltas)
+        return model(x)
 
-    return hook
+    try:
+        with model.hooks(fwd_hooks=[(leave_hook[k], perturb(k)) for k in keys]):
+            yield run
+    finally:
+        current.clear()
