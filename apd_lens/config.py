@@ -52,6 +52,13 @@ class APDConfig:
     unit_norm_A: bool = False
     """Renormalize every column of every A to unit norm over d_in after each step."""
     init_scale: float = 1.0
+    split_every: int | None = None
+    """Every this many steps, split each over-used component into an unused one (see
+    :mod:`apd_lens.splitting`; not in the paper); None: never."""
+    split_ratio: float = 1.5
+    """Over-used: active at least this many times as often as the median live component."""
+    split_until: float = 0.5
+    """Split only during this fraction of the run."""
     weights: tuple[str, ...] | None = None
     """fnmatch patterns selecting which of the model's declared weights to decompose."""
     n_batch_dims: int | None = None
@@ -121,6 +128,12 @@ class APDConfig:
             problems.append(f"lr_warmup_frac must be in [0, 1], got {self.lr_warmup_frac}")
         if not self.init_scale > 0:
             problems.append(f"init_scale must be > 0, got {self.init_scale}")
+        if self.split_every is not None and (not isinstance(self.split_every, int) or self.split_every < 1):
+            problems.append(f"split_every must be None or an integer >= 1, got {self.split_every!r}")
+        if not self.split_ratio > 1:
+            problems.append(f"split_ratio must be > 1, got {self.split_ratio}")
+        if not 0 <= self.split_until <= 1:
+            problems.append(f"split_until must be in [0, 1], got {self.split_until}")
         if self.log_every < 1:
             problems.append(f"log_every must be >= 1, got {self.log_every}")
         if problems:

@@ -62,6 +62,8 @@ class Decomposition(HookedRootModule):
         self.hook_attributions = HookPoint()
         self.hook_mask = HookPoint()
         self.loss_history: list[dict[str, float]] = []
+        self.split_history: list = []
+        """The component splits of training (:class:`apd_lens.splitting.Split`), if any."""
         self.vmap_failure: str | None = None
         """Why the model's forward could not be vmapped (then attributions use batched backward)."""
         self.section_timer = None

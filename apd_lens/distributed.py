@@ -120,3 +120,12 @@ def mean_over_ranks(values: dict[str, Tensor]) -> dict[str, float]:
         dist.all_reduce(stacked)
         stacked /= world_size()
     return dict(zip(names, stacked.tolist(), strict=True))
+
+
+def sum_over_ranks(values: Tensor) -> Tensor:
+    """``values`` (a CPU tensor) summed over all ranks; itself when not distributed."""
+    if not is_distributed():
+        return values
+    summed = values.clone()
+    dist.all_reduce(summed)
+    return summed

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,11 +31,13 @@ class RunRecorder:
         checkpoint_every: int | None,
         keep_checkpoints: int,
         start_step: int,
+        extra_state: dict[str, Callable[[], Any]] | None = None,
     ):
         self.run_dir = Path(run_dir) if run_dir is not None and is_main_process() else None
         self.decomposition, self.optimizer, self.batches, self.probe_gen = decomposition, optimizer, batches, probe_gen
         self.checkpoint_every, self.keep = checkpoint_every, keep_checkpoints
         self.last_checkpoint = start_step
+        self.extra_state = dict(extra_state or {})
         self.wandb_run = None
         self._metrics = None
         if self.run_dir is not None:
@@ -100,6 +103,7 @@ class RunRecorder:
             "probe_generator": self.probe_gen.get_state(),
             "data": self.batches.state_dict(),
             "loss_history": list(d.loss_history),
+            **{key: get() for key, get in self.extra_state.items()},
         }
         path = save_checkpoint(checkpoint_path(self.run_dir, done), state)
         prune_checkpoints(self.run_dir, self.keep)

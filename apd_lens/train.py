@@ -33,6 +33,7 @@ from apd_lens.malloc_tuning import keep_freed_memory
 from apd_lens.recorder import METRICS_FILE, RunRecorder
 from apd_lens.schedule import lr_factor
 from apd_lens.spec import WeightSpec
+from apd_lens.splitting import ComponentSplitter
 
 logger = logging.getLogger(__name__)
 
@@ -129,21 +130,34 @@ def decompose(
     probe_gen = torch.Generator().manual_seed(config.seed + 1)
     batches = iterate_batches(data, config.batch_size, data_gen, distributed.resolve_device(config.device))
     optimizer = make_optimizer(decomposition.component_parameters(), config.lr)
+    splitter = ComponentSplitter(decomposition, optimizer)
     start_step = 0
     if ckpt is not None:
-        start_step = _restore(ckpt, ckpt_path, decomposition, optimizer, batches, probe_gen)
+        start_step = _restore(ckpt, ckpt_path, decomposition, optimizer, batches, probe_gen, splitter)
     elif checkpoint_every is not None and not batches.resumable:
         logger.warning("checkpoints of this run cannot be resumed exactly: %s", batches.reason)
     recorder = RunRecorder(
-        run_dir, decomposition, optimizer, batches, probe_gen, checkpoint_every, keep_checkpoints, start_step
+        run_dir,
+        decomposition,
+        optimizer,
+        batches,
+        probe_gen,
+        checkpoint_every,
+        keep_checkpoints,
+        start_step,
+        extra_state={"splitter": splitter.state_dict},
     )
     if wandb_project is not None:
         recorder.start_wandb(wandb_project, wandb_kwargs or {})
     try:
-        run_steps(decomposition, batches, optimizer, probe_gen, start_step, after_step=recorder.after_step)
+        run_steps(
+            decomposition, batches, optimizer, probe_gen, start_step, after_step=recorder.after_step, splitter=splitter
+        )
         recorder.finish()
     finally:
         recorder.close()
+        splitter.close()
+    decomposition.split_history = list(splitter.history)
     return decomposition
 
 
@@ -166,11 +180,13 @@ def run_steps(
     start_step: int = 0,
     *,
     after_step: Callable[[int, dict[str, float] | None], None] | None = None,
+    splitter: ComponentSplitter | None = None,
 ) -> None:
     """Run the optimization from ``start_step`` to ``config.steps``.
 
     ``after_step(step, row)`` is called after every step; ``row`` is the logged row of that step
-    (also appended to ``loss_history``) or None on steps that are not logged.
+    (also appended to ``loss_history``) or None on steps that are not logged. ``splitter``:
+    splits over-used components after the steps its config names (``split_every``).
     """
     cfg = decomposition.config
     step_fn = distributed.data_parallel_step(decomposition)
@@ -193,6 +209,16 @@ def run_steps(
         if cfg.unit_norm_A:
             for comp in decomposition.components.values():
                 comp.normalize_A()
+        if splitter is not None:
+            for split in splitter.after_step(step):
+                logger.info(
+                    "step %d: split component %d (active on %.3g of points, median %.3g) into unused %d",
+                    split.step,
+                    split.source,
+                    split.source_rate,
+                    split.median_rate,
+                    split.target,
+                )
         row = None
         if step % cfg.log_every == 0 or step == cfg.steps - 1:
             decomposition.check_target_unchanged(f" (found at step {step})")
@@ -258,6 +284,7 @@ def _restore(
     optimizer: torch.optim.Optimizer,
     batches: BatchStream,
     probe_gen: torch.Generator,
+    splitter: ComponentSplitter,
 ) -> int:
     """Put the run back in the state saved in ``ckpt``; returns the number of completed steps."""
     set_components(decomposition, ckpt["components"], str(ckpt_path))
@@ -269,6 +296,8 @@ def _restore(
     probe_gen.set_state(ckpt["probe_generator"])
     set_rng_state(ckpt["rng"])
     decomposition.loss_history = list(ckpt["loss_history"])
+    if "splitter" in ckpt:
+        splitter.load_state_dict(ckpt["splitter"])
     logger.info("resumed %s at step %d", ckpt_path, ckpt["step"])
     return int(ckpt["step"])
 

@@ -1,0 +1,107 @@
+"""Component splitting: choice of pairs, the split itself, counting through hook_mask, resume."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import apd_lens
+from apd_lens import splitting
+from apd_lens.checkpoint import checkpoint_path
+from apd_lens.decomposition import Decomposition
+from apd_lens.models.tms import TMS, TMSData
+from apd_lens.splitting import ComponentSplitter, choose_splits, split_component
+
+
+def test_choose_splits_pairs_the_busiest_with_unused_components():
+    # rates (per 100 points): 10, 0, 25, 10, 31, 0.05, 10, 16 -> live median 10 (0.05 is live but "unused")
+    counts = torch.tensor([10, 0, 25, 10, 31, 0.05, 10, 16])
+    pairs, median = choose_splits(counts, 100, split_ratio=1.5)
+    assert median == pytest.approx(0.10)
+    # over-used (>= 15): 4 (31), 2 (25), 7 (16); unused (<= 0.001): 1, 5 -> two splits, busiest first
+    assert pairs == [(4, 1), (2, 5)]
+    assert choose_splits(counts, 100, split_ratio=4.0)[0] == []
+    assert choose_splits(torch.zeros(3), 10, 1.5) == ([], 0.0)
+
+
+def _trained_decomposition(**cfg):
+    model = TMS(5, 2, seed=0)
+    config = model.apd_default_config().replace(n_components=4, progress=False, **cfg)
+    dec = Decomposition(model, model.apd_weight_specs(), config)
+    opt = torch.optim.Adam(dec.component_parameters(), lr=1e-2)
+    dec.losses(TMSData(5, 64, seed=1).sample())["total"].backward()
+    opt.step()
+    return dec, opt
+
+
+@pytest.mark.parametrize("unit_norm_A", [False, True])
+def test_split_without_noise_halves_the_source_and_keeps_the_sum(monkeypatch, unit_norm_A):
+    monkeypatch.setattr(splitting, "SPLIT_NOISE", 0.0)
+    dec, opt = _trained_decomposition(unit_norm_A=unit_norm_A)
+    comp = dec.components["W"]
+    if unit_norm_A:
+        comp.normalize_A()
+    before = comp.A.detach() @ comp.B.detach()  # [C, d_in, d_out]
+    moments = {k: v.clone() for k, v in opt.state[comp.B].items()}
+    split_component(dec, opt, source=1, target=3, generator=torch.Generator().manual_seed(0))
+    after = comp.A.detach() @ comp.B.detach()
+    torch.testing.assert_close(after[1], before[1] / 2, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(after[3], before[1] / 2, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(after[[0, 2]], before[[0, 2]], rtol=0, atol=0)
+    torch.testing.assert_close(after.sum(0), before.sum(0) - before[3], rtol=1e-6, atol=1e-6)
+    for key in ("exp_avg", "exp_avg_sq"):
+        torch.testing.assert_close(opt.state[comp.B][key][3], moments[key][1], rtol=0, atol=0)
+        torch.testing.assert_close(opt.state[comp.B][key][1], moments[key][1], rtol=0, atol=0)
+
+
+def test_split_with_noise_makes_a_different_copy():
+    dec, opt = _trained_decomposition()
+    comp = dec.components["W"]
+    split_component(dec, opt, source=0, target=2, generator=torch.Generator().manual_seed(0))
+    p = comp.A.detach() @ comp.B.detach()
+    cos = torch.nn.functional.cosine_similarity(p[0].flatten(), p[2].flatten(), dim=0)
+    assert 0.9 < cos < 0.9999
+
+
+def test_splitter_counts_the_masks_seen_at_hook_mask():
+    dec, opt = _trained_decomposition(split_every=10)
+    splitter = ComponentSplitter(dec, opt)
+    batches = [TMSData(5, 50, p=0.3, seed=s).sample() for s in (2, 3)]
+    masks = [dec.topk_mask(x) for x in batches]
+    splitter.close()
+    dec.topk_mask(batches[0])  # not counted after close
+    expected = sum((m > 0).double().sum(0) for m in masks)
+    torch.testing.assert_close(splitter.counts, expected)
+    assert splitter.n_points == 100
+
+
+def test_a_resumed_run_splits_like_the_uninterrupted_one(tmp_path):
+    cfg = (
+        TMS(5, 2)
+        .apd_default_config()
+        .replace(
+            n_components=6, steps=24, batch_size=32, progress=False, split_every=6, split_ratio=1.2, split_until=1.0
+        )
+    )
+    data = TMSData(5, 32, p=0.2, seed=5)
+    plain = apd_lens.decompose(TMS(5, 2), data, cfg)
+    assert plain.split_history, "the test needs a run that splits"
+    run = tmp_path / "a"
+    apd_lens.decompose(
+        TMS(5, 2), TMSData(5, 32, p=0.2, seed=5), cfg, run_dir=run, checkpoint_every=9, keep_checkpoints=0
+    )
+    middle = checkpoint_path(run, 9)  # between two splits: the counts so far must come back
+    resumed = apd_lens.decompose(TMS(5, 2), TMSData(5, 32, p=0.2, seed=5), cfg, run_dir=tmp_path / "b", resume=middle)
+    assert resumed.split_history == plain.split_history
+    for name in plain.components:
+        assert torch.equal(resumed.components[name].A, plain.components[name].A)
+        assert torch.equal(resumed.components[name].B, plain.components[name].B)
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [({"split_every": 0}, "split_every"), ({"split_ratio": 1.0}, "split_ratio"), ({"split_until": 1.5}, "split_until")],
+)
+def test_bad_split_settings_are_refused(bad, message):
+    with pytest.raises(ValueError, match=message):
+        apd_lens.APDConfig(**bad)
