@@ -19,7 +19,7 @@ import logging
 from dataclasses import dataclass
 
 import torch
-from jaxtyping import Float
+from jaxtyping import Bool, Float
 from torch import Tensor
 
 from apd_lens import distributed
@@ -28,6 +28,8 @@ logger = logging.getLogger(__name__)
 
 DEAD_FRACTION = 0.01
 """A component is unused if it was active at most this fraction as often as the median live one."""
+SPLIT_POINTS = 8192
+"""About this many data points (the last batches before a split) show how a component is used."""
 SPLIT_NOISE = 0.1
 """Relative size of the multiplicative noise put on the copy's A and B."""
 
@@ -57,22 +59,91 @@ def choose_splits(
 
 @torch.no_grad()
 def split_component(decomposition, optimizer: torch.optim.Optimizer, source: int, target: int, generator) -> None:
-    """Make ``target`` a noisy copy of ``source`` sharing its weight: every decomposed weight's
-    ``B[source]`` is halved and copied to ``B[target]``, ``A[source]`` copied to ``A[target]``."""
+    """Fallback split: ``target`` becomes a noisy copy of ``source`` sharing its weight: every
+    decomposed weight's ``B[source]`` is halved and copied to ``B[target]``, ``A[source]`` copied to
+    ``A[target]`` (multiplicative noise of ``SPLIT_NOISE`` on the copy)."""
     for comp in decomposition.components.values():
         comp.B[source].mul_(0.5)
         for param in (comp.A, comp.B):
             noise = torch.randn(param[source].shape, generator=generator, dtype=param.dtype)
             param[target].copy_(param[source] * (1 + SPLIT_NOISE * noise.to(param.device)))
-            for moment in optimizer.state.get(param, {}).values():
-                if isinstance(moment, Tensor) and moment.shape == param.shape:
-                    moment[target].copy_(moment[source])
+        _copy_moments(optimizer, comp, source, target)
         if decomposition.config.unit_norm_A:
             comp.normalize_A()
 
 
+def two_line_clusters(points: Float[Tensor, "n d"], iterations: int = 20) -> Bool[Tensor, " n"]:
+    """Split ``points`` into two groups, each close to a line through the origin (sign-blind
+    2-means on directions): True marks the second group."""
+    unit = points / points.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    first = torch.linalg.eigh(unit.T @ unit).eigenvectors[:, -1]
+    second = unit[(unit @ first).abs().argmin()]
+    group = torch.zeros(len(unit), dtype=torch.bool, device=unit.device)
+    for _ in range(iterations):
+        new = (unit @ second).abs() > (unit @ first).abs()
+        if new.all() or not new.any():
+            break
+        if torch.equal(new, group) and _ > 0:
+            break
+        group = new
+        first = torch.linalg.eigh(unit[~group].T @ unit[~group]).eigenvectors[:, -1]
+        second = torch.linalg.eigh(unit[group].T @ unit[group]).eigenvectors[:, -1]
+    return group
+
+
+@torch.no_grad()
+def split_by_inner_subspace(
+    decomposition, optimizer: torch.optim.Optimizer, source: int, target: int, inner: dict[str, list[Tensor]]
+) -> bool:
+    """Split ``source`` along what its active data points use of its inner (rank-m) space.
+
+    ``inner``: weight name -> the source's inner activations ``[n, m]`` (one tensor per use) on the
+    data points where it is active. The points are grouped in two (each group along one
+    direction, sign-blind), and per weight the inner directions used more by the second group
+    than by the first (positive eigenvectors of ``S2 - S1``, ``S = sum h h^T``) form a projector
+    ``Q``: ``B[target] = Q B[source]``, ``B[source] = (I - Q) B[source]``, both keep ``A[source]``.
+    ``P_source + P_target`` is unchanged. Returns False (nothing changed) if the points do not
+    fall in two groups.
+    """
+    names = list(inner)
+    if min(h.shape[0] for hs in inner.values() for h in hs) < 4:
+        return False
+    per_weight = [torch.cat(inner[n], dim=1) for n in names]
+    scaled = [h / h.norm(dim=1).mean().clamp_min(1e-12) for h in per_weight]
+    group = two_line_clusters(torch.cat(scaled, dim=1).double())
+    if group.sum() < 2 or (~group).sum() < 2:
+        return False
+    components = decomposition.components
+    for name in names:
+        uses = [h.double() for h in inner[name]]
+        second = sum(h[group].T @ h[group] for h in uses)
+        first = sum(h[~group].T @ h[~group] for h in uses)
+        values, vectors = torch.linalg.eigh(second - first)
+        keep = vectors[:, values > 0]
+        comp = components[name]
+        projector = (keep @ keep.T).to(comp.B.dtype)
+        b = comp.B[source].clone()
+        comp.A[target].copy_(comp.A[source])
+        comp.B[target].copy_(projector @ b)
+        comp.B[source].copy_(b - comp.B[target])
+        _copy_moments(optimizer, comp, source, target)
+    return True
+
+
+def _copy_moments(optimizer: torch.optim.Optimizer, comp, source: int, target: int) -> None:
+    """Give ``target`` the optimizer moments of ``source`` (Adam's running averages)."""
+    for param in (comp.A, comp.B):
+        for moment in optimizer.state.get(param, {}).values():
+            if isinstance(moment, Tensor) and moment.shape == param.shape:
+                moment[target].copy_(moment[source])
+
+
 class ComponentSplitter:
-    """Counts top-k activity through ``hook_mask`` and splits over-used components (see module doc)."""
+    """Counts top-k activity through ``hook_mask`` and splits over-used components (see module doc).
+
+    The last batches before each split (about ``SPLIT_POINTS`` data points) are kept to find, per
+    over-used component, the data points it is active on and how they use its inner space.
+    """
 
     def __init__(self, decomposition, optimizer: torch.optim.Optimizer):
         cfg = decomposition.config
@@ -82,34 +153,91 @@ class ComponentSplitter:
         self.seed = cfg.seed
         self.counts = torch.zeros(cfg.n_components, dtype=torch.float64)
         self.n_points = 0
+        self.recent: list[Tensor] = []
         self.history: list[Split] = []
+        self._counting = True
         self._handle = None
         if self.every is not None:
             self._handle = decomposition.hook_mask.register_forward_hook(self._count)
 
     def _count(self, module, inputs, mask: Tensor) -> None:
+        if not self._counting:
+            return
         flat = mask.detach().reshape(-1, mask.shape[-1])
         self.counts += (flat > 0).sum(0).to(device="cpu", dtype=torch.float64)
         self.n_points += flat.shape[0]
 
-    def after_step(self, step: int) -> list[Split]:
-        """Split after step ``step`` (0-based) if it ends a counting window; returns the splits."""
+    def after_step(self, step: int, batch: Tensor | None = None) -> list[Split]:
+        """Split after step ``step`` (0-based) if it ends a counting window; returns the splits.
+        ``batch``: the step's batch (the last ones before a split are kept)."""
         done = step + 1
-        if self.every is None or done % self.every or done > self.last_step:
+        if self.every is None or done > self.last_step:
+            return []
+        if batch is not None:
+            self._keep(batch, done)
+        if done % self.every:
             return []
         counts = distributed.sum_over_ranks(self.counts)
         n_points = int(distributed.sum_over_ranks(torch.tensor([float(self.n_points)])).item())
         pairs, median = choose_splits(counts, n_points, self.ratio)
         logger.debug("step %d: component activity rates %s", done, (counts / max(n_points, 1)).tolist())
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + done)
         splits = []
-        for source, target in pairs:
-            split_component(self.decomposition, self.optimizer, source, target, generator)
-            splits.append(Split(done, source, target, float(counts[source]) / max(n_points, 1), median))
+        if pairs:
+            inner = self._inner_activations([s for s, _ in pairs])
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + done)
+            for source, target in pairs:
+                acts = {name: [h[source] for h in per_use] for name, per_use in inner.items()}
+                if not split_by_inner_subspace(self.decomposition, self.optimizer, source, target, acts):
+                    split_component(self.decomposition, self.optimizer, source, target, generator)
+                splits.append(Split(done, source, target, float(counts[source]) / max(n_points, 1), median))
+            for comp in self.decomposition.components.values():
+                distributed.broadcast_module(comp)  # every rank continues from rank 0's split
         self.history.extend(splits)
         self.counts.zero_()
         self.n_points = 0
+        self.recent = []
         return splits
+
+    def _keep(self, batch: Tensor, done: int) -> None:
+        points = max(int(batch.shape[: self.decomposition.n_batch_dims(batch)].numel()), 1)
+        n_keep = -(-SPLIT_POINTS // points)
+        if self.every - done % self.every < n_keep or done % self.every == 0:
+            self.recent.append(batch.detach())
+            self.recent = self.recent[-n_keep:]
+
+    @torch.no_grad()
+    def _inner_activations(self, sources: list[int]) -> dict[str, list[dict[int, Tensor]]]:
+        """Weight name -> per use that reads through A, {source: its inner activations [n, m] on the
+        kept batches' data points where the top-k mask keeps it}."""
+        dec = self.decomposition
+        found: dict[str, list[dict[int, list[Tensor]]]] = {
+            s.name: [{c: [] for c in sources} for _ in s.uses] for s in dec.specs
+        }
+        specs = {s.name: s for s in dec.specs}
+        # a tied weight's transposed uses read the component through B and see the other uses'
+        # outputs (interference included): the split follows the uses that read through A
+        reading = {
+            s.name: [i for i, u in enumerate(s.uses) if not u.transposed] or list(range(len(s.uses))) for s in dec.specs
+        }
+        self._counting = False
+        try:
+            for x in self.recent:
+                mask = dec.topk_mask(x).reshape(-1, dec.n_components)
+                record = dec.target_pass(x, make_leaves=False)
+                for (name, i), enter in record.enters.items():
+                    comp, use = dec.components[name], specs[name].uses[i]
+                    if i not in reading[name]:
+                        continue
+                    for c in sources:
+                        rows = mask[:, c] > 0
+                        inner = comp.inner_acts(enter.detach()[rows], use.transposed, detach=True)[:, c]
+                        found[name][i][c].append(inner)
+        finally:
+            self._counting = True
+        return {
+            name: [{c: torch.cat(per_use[i][c]) for c in sources} for i in reading[name]]
+            for name, per_use in found.items()
+        }
 
     def close(self) -> None:
         if self._handle is not None:
@@ -120,10 +248,13 @@ class ComponentSplitter:
         return {
             "counts": self.counts.clone(),
             "n_points": self.n_points,
+            "recent": [x.cpu() for x in self.recent],
             "history": [vars(s) for s in self.history],
         }
 
     def load_state_dict(self, state: dict) -> None:
         self.counts = state["counts"].clone().double()
         self.n_points = int(state["n_points"])
+        device = next(iter(self.decomposition.components.values())).A.device
+        self.recent = [x.to(device) for x in state.get("recent", [])]
         self.history = [Split(**s) for s in state["history"]]

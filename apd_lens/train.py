@@ -210,7 +210,7 @@ def run_steps(
             for comp in decomposition.components.values():
                 comp.normalize_A()
         if splitter is not None:
-            for split in splitter.after_step(step):
+            for split in splitter.after_step(step, x):
                 logger.info(
                     "step %d: split component %d (active on %.3g of points, median %.3g) into unused %d",
                     split.step,

@@ -32,6 +32,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--rank", type=int, default=None, help="inner rank m (default: min(d_in, d_out))")
     parser.add_argument("--lr", type=float, default=None, help="APD learning rate (default: the paper's 1e-3)")
     parser.add_argument("--probes", type=int, default=None, help="random attribution probes (default: exact)")
+    parser.add_argument(
+        "--split-every",
+        type=int,
+        default=None,
+        help="split over-used components every N steps (0: never; default: the config's)",
+    )
     parser.add_argument("--n-eval", type=int, default=100, help="evaluation samples per feature")
     parser.add_argument("--out", type=Path, default=Path("runs/resid_mlp"))
     parser.add_argument("--load", type=Path, default=None, help="checkpoint to analyse instead of training")
@@ -49,6 +55,8 @@ def train(args) -> tuple[Decomposition, dict]:
     config = target.apd_default_config().replace(seed=args.seed, progress=not args.no_progress)
     changes = {"steps": args.steps, "rank": args.rank, "attribution_probes": args.probes, "lr": args.lr}
     config = config.replace(**{k: v for k, v in changes.items() if v is not None})
+    if args.split_every is not None:
+        config = config.replace(split_every=args.split_every or None)
     data = ResidMLPData(target.n_features, config.batch_size, seed=args.seed + 1000)
     start = time.perf_counter()
     decomposition = apd_lens.decompose(target, data, config)

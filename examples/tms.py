@@ -28,6 +28,12 @@ def main(argv: list[str] | None = None) -> tuple[float, float]:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, default=None, help="APD steps (default: the paper's 20000)")
     parser.add_argument("--target-steps", type=int, default=None, help="target training steps (default 5000/2000)")
+    parser.add_argument(
+        "--split-every",
+        type=int,
+        default=None,
+        help="split over-used components every N steps (0: never; default: the config's)",
+    )
     parser.add_argument("--out", type=Path, default=Path("runs/tms"))
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
@@ -43,6 +49,8 @@ def main(argv: list[str] | None = None) -> tuple[float, float]:
     config = target.apd_default_config().replace(seed=args.seed, progress=not args.no_progress)
     if args.steps is not None:
         config = config.replace(steps=args.steps)
+    if args.split_every is not None:
+        config = config.replace(split_every=args.split_every or None)
     data = TMSData(n_features, config.batch_size, seed=args.seed + 1000)
     decomposition = apd_lens.decompose(target, data, config)
     elapsed = time.perf_counter() - start

@@ -105,3 +105,44 @@ def test_a_resumed_run_splits_like_the_uninterrupted_one(tmp_path):
 def test_bad_split_settings_are_refused(bad, message):
     with pytest.raises(ValueError, match=message):
         apd_lens.APDConfig(**bad)
+
+
+def test_two_line_clusters_separates_points_on_two_lines_whatever_their_sign():
+    gen = torch.Generator().manual_seed(0)
+    u, v = torch.randn(2, 6, generator=gen)
+    scale = torch.rand(40, 1, generator=gen) * 2 - 1  # signs mixed, as resid-MLP inputs in [-1, 1]
+    points = torch.cat([scale[:25] * u, scale[25:] * v]) + 0.01 * torch.randn(40, 6, generator=gen)
+    group = splitting.two_line_clusters(points.double())
+    truth = torch.arange(40) >= 25
+    assert torch.equal(group, truth) or torch.equal(group, ~truth)
+
+
+def test_subspace_split_separates_two_merged_mechanisms_exactly():
+    """Component 0 holds two TMS features (1 and 4) on orthogonal inner directions; a split on its
+    inner activations must give one feature to each component and keep the sum."""
+    model = TMS(6, 3, seed=0)
+    config = model.apd_default_config().replace(n_components=3, progress=False)
+    dec = Decomposition(model, model.apd_weight_specs(), config)
+    comp = dec.components["W"]
+    W = model.W.detach()  # [6, 3]: feature j's row
+    with torch.no_grad():
+        comp.A[0].zero_()
+        comp.B[0].zero_()
+        comp.A[0][1, 0], comp.A[0][4, 1] = 1.0, 1.0
+        comp.B[0][0], comp.B[0][1] = W[1], W[4]
+    before = comp.A.detach() @ comp.B.detach()
+    x = torch.zeros(30, 6)
+    x[:12, 1] = torch.rand(12) + 0.1
+    x[12:, 4] = torch.rand(18) + 0.1
+    first = comp.inner_acts(x, transposed=False, detach=True)[:, 0]  # x A_0
+    opt = torch.optim.Adam(dec.component_parameters())
+    assert splitting.split_by_inner_subspace(dec, opt, source=0, target=2, inner={"W": [first]})
+    after = comp.A.detach() @ comp.B.detach()
+    torch.testing.assert_close(after[0] + after[2], before[0], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(after[1], before[1], rtol=0, atol=0)
+    one, four = torch.zeros(6, 3), torch.zeros(6, 3)
+    one[1], four[4] = W[1], W[4]
+    pair = (after[0], after[2])
+    assert any(
+        torch.allclose(a, one, atol=1e-6) and torch.allclose(b, four, atol=1e-6) for a, b in (pair, pair[::-1])
+    ), pair
