@@ -92,40 +92,52 @@ def two_line_clusters(points: Float[Tensor, "n d"], iterations: int = 20) -> Boo
 
 
 @torch.no_grad()
-def split_by_inner_subspace(
-    decomposition, optimizer: torch.optim.Optimizer, source: int, target: int, inner: dict[str, list[Tensor]]
+def split_by_input_subspace(
+    decomposition,
+    optimizer: torch.optim.Optimizer,
+    source: int,
+    target: int,
+    inputs: dict[str, tuple[Tensor, bool]],
 ) -> bool:
-    """Split ``source`` along what its active data points use of its inner (rank-m) space.
+    """Split ``source`` along the input directions its two groups of data points use.
 
-    ``inner``: weight name -> the source's inner activations ``[n, m]`` (one tensor per use) on the
-    data points where it is active. The points are grouped in two (each group along one
-    direction, sign-blind), and per weight the inner directions used more by the second group
-    than by the first (positive eigenvectors of ``S2 - S1``, ``S = sum h h^T``) form a projector
-    ``Q``: ``B[target] = Q B[source]``, ``B[source] = (I - Q) B[source]``, both keep ``A[source]``.
-    ``P_source + P_target`` is unchanged. Returns False (nothing changed) if the points do not
-    fall in two groups.
+    ``inputs``: weight name -> (the activations entering it ``[n, d]`` on the data points where
+    ``source`` is active, whether that use is transposed). The points are grouped in two by
+    direction (sign-blind; all weights' inputs side by side). Per weight, the input directions
+    used more by the second group than by the first (positive eigenvectors of ``S2 - S1``,
+    ``S = sum x^T x``) span a projector ``R``: the target gets ``R A`` (``B R`` for a transposed
+    use), the source keeps the rest, so ``P_source + P_target`` is unchanged. Clustering the inputs
+    rather than the component's inner activations also separates mechanisms that the component
+    reads through one direction with opposite signs (TMS's antipodal feature pairs). Returns
+    False (nothing changed) if the points do not fall in two groups.
     """
-    names = list(inner)
-    if min(h.shape[0] for hs in inner.values() for h in hs) < 4:
+    if min(x.shape[0] for x, _ in inputs.values()) < 4:
         return False
-    per_weight = [torch.cat(inner[n], dim=1) for n in names]
-    scaled = [h / h.norm(dim=1).mean().clamp_min(1e-12) for h in per_weight]
+    scaled = [x / x.norm(dim=1).mean().clamp_min(1e-12) for x, _ in inputs.values()]
     group = two_line_clusters(torch.cat(scaled, dim=1).double())
     if group.sum() < 2 or (~group).sum() < 2:
         return False
-    components = decomposition.components
-    for name in names:
-        uses = [h.double() for h in inner[name]]
-        second = sum(h[group].T @ h[group] for h in uses)
-        first = sum(h[~group].T @ h[~group] for h in uses)
-        values, vectors = torch.linalg.eigh(second - first)
+    for name, (x, transposed) in inputs.items():
+        x = x.double()
+        values, vectors = torch.linalg.eigh(x[group].T @ x[group] - x[~group].T @ x[~group])
         keep = vectors[:, values > 0]
-        comp = components[name]
-        projector = (keep @ keep.T).to(comp.B.dtype)
-        b = comp.B[source].clone()
-        comp.A[target].copy_(comp.A[source])
-        comp.B[target].copy_(projector @ b)
-        comp.B[source].copy_(b - comp.B[target])
+        comp = decomposition.components[name]
+        projector = (keep @ keep.T).to(comp.A.dtype)
+        if transposed:
+            b = comp.B[source].clone()
+            comp.B[target].copy_(b @ projector)
+            comp.B[source].copy_(b - comp.B[target])
+            comp.A[target].copy_(comp.A[source])
+        else:
+            a = comp.A[source].clone()
+            comp.A[target].copy_(projector @ a)
+            comp.A[source].copy_(a - comp.A[target])
+            comp.B[target].copy_(comp.B[source])
+        if decomposition.config.unit_norm_A:
+            for c in (source, target):
+                norms = comp.A[c].norm(dim=0).clamp_min(1e-12)  # [m]
+                comp.A[c].div_(norms)
+                comp.B[c].mul_(norms[:, None])  # P_c unchanged
         _copy_moments(optimizer, comp, source, target)
     return True
 
@@ -183,11 +195,10 @@ class ComponentSplitter:
         logger.debug("step %d: component activity rates %s", done, (counts / max(n_points, 1)).tolist())
         splits = []
         if pairs:
-            inner = self._inner_activations([s for s, _ in pairs])
+            inputs = self._inputs([s for s, _ in pairs])
             generator = torch.Generator().manual_seed(self.seed * 1_000_003 + done)
             for source, target in pairs:
-                acts = {name: [h[source] for h in per_use] for name, per_use in inner.items()}
-                if not split_by_inner_subspace(self.decomposition, self.optimizer, source, target, acts):
+                if not split_by_input_subspace(self.decomposition, self.optimizer, source, target, inputs[source]):
                     split_component(self.decomposition, self.optimizer, source, target, generator)
                 splits.append(Split(done, source, target, float(counts[source]) / max(n_points, 1), median))
             for comp in self.decomposition.components.values():
@@ -206,37 +217,30 @@ class ComponentSplitter:
             self.recent = self.recent[-n_keep:]
 
     @torch.no_grad()
-    def _inner_activations(self, sources: list[int]) -> dict[str, list[dict[int, Tensor]]]:
-        """Weight name -> per use that reads through A, {source: its inner activations [n, m] on the
-        kept batches' data points where the top-k mask keeps it}."""
+    def _inputs(self, sources: list[int]) -> dict[int, dict[str, tuple[Tensor, bool]]]:
+        """Per source, weight name -> (the activations entering the weight on the kept batches'
+        data points where the top-k mask keeps the source, whether that use is transposed).
+        A tied weight contributes its first use that reads through A (its other uses see the
+        model's outputs, interference included)."""
         dec = self.decomposition
-        found: dict[str, list[dict[int, list[Tensor]]]] = {
-            s.name: [{c: [] for c in sources} for _ in s.uses] for s in dec.specs
-        }
-        specs = {s.name: s for s in dec.specs}
-        # a tied weight's transposed uses read the component through B and see the other uses'
-        # outputs (interference included): the split follows the uses that read through A
-        reading = {
-            s.name: [i for i, u in enumerate(s.uses) if not u.transposed] or list(range(len(s.uses))) for s in dec.specs
-        }
+        reading = {}
+        for spec in dec.specs:
+            plain = [i for i, u in enumerate(spec.uses) if not u.transposed]
+            reading[spec.name] = (plain[0] if plain else 0, spec.uses[plain[0] if plain else 0].transposed)
+        found: dict[int, dict[str, list[Tensor]]] = {c: {name: [] for name in reading} for c in sources}
         self._counting = False
         try:
             for x in self.recent:
                 mask = dec.topk_mask(x).reshape(-1, dec.n_components)
                 record = dec.target_pass(x, make_leaves=False)
-                for (name, i), enter in record.enters.items():
-                    comp, use = dec.components[name], specs[name].uses[i]
-                    if i not in reading[name]:
-                        continue
+                for name, (i, _) in reading.items():
+                    enter = record.enters[(name, i)].detach()
                     for c in sources:
-                        rows = mask[:, c] > 0
-                        inner = comp.inner_acts(enter.detach()[rows], use.transposed, detach=True)[:, c]
-                        found[name][i][c].append(inner)
+                        found[c][name].append(enter[mask[:, c] > 0])
         finally:
             self._counting = True
         return {
-            name: [{c: torch.cat(per_use[i][c]) for c in sources} for i in reading[name]]
-            for name, per_use in found.items()
+            c: {name: (torch.cat(parts), reading[name][1]) for name, parts in per.items()} for c, per in found.items()
         }
 
     def close(self) -> None:

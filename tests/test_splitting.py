@@ -117,9 +117,11 @@ def test_two_line_clusters_separates_points_on_two_lines_whatever_their_sign():
     assert torch.equal(group, truth) or torch.equal(group, ~truth)
 
 
-def test_subspace_split_separates_two_merged_mechanisms_exactly():
-    """Component 0 holds two TMS features (1 and 4) on orthogonal inner directions; a split on its
-    inner activations must give one feature to each component and keep the sum."""
+@pytest.mark.parametrize("antipodal", [False, True])
+def test_input_subspace_split_separates_two_merged_mechanisms_exactly(antipodal):
+    """Component 0 holds two TMS features (1 and 4): on orthogonal inner directions, or (antipodal)
+    read through one inner direction with opposite signs; a split on the inputs of its active
+    points must give one feature to each component and keep the sum."""
     model = TMS(6, 3, seed=0)
     config = model.apd_default_config().replace(n_components=3, progress=False)
     dec = Decomposition(model, model.apd_weight_specs(), config)
@@ -128,20 +130,23 @@ def test_subspace_split_separates_two_merged_mechanisms_exactly():
     with torch.no_grad():
         comp.A[0].zero_()
         comp.B[0].zero_()
-        comp.A[0][1, 0], comp.A[0][4, 1] = 1.0, 1.0
-        comp.B[0][0], comp.B[0][1] = W[1], W[4]
+        if antipodal:
+            comp.A[0][1, 0], comp.A[0][4, 0] = 1.0, -1.0
+            comp.B[0][0] = W[1]
+        else:
+            comp.A[0][1, 0], comp.A[0][4, 1] = 1.0, 1.0
+            comp.B[0][0], comp.B[0][1] = W[1], W[4]
     before = comp.A.detach() @ comp.B.detach()
     x = torch.zeros(30, 6)
     x[:12, 1] = torch.rand(12) + 0.1
     x[12:, 4] = torch.rand(18) + 0.1
-    first = comp.inner_acts(x, transposed=False, detach=True)[:, 0]  # x A_0
     opt = torch.optim.Adam(dec.component_parameters())
-    assert splitting.split_by_inner_subspace(dec, opt, source=0, target=2, inner={"W": [first]})
+    assert splitting.split_by_input_subspace(dec, opt, source=0, target=2, inputs={"W": (x, False)})
     after = comp.A.detach() @ comp.B.detach()
     torch.testing.assert_close(after[0] + after[2], before[0], rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(after[1], before[1], rtol=0, atol=0)
     one, four = torch.zeros(6, 3), torch.zeros(6, 3)
-    one[1], four[4] = W[1], W[4]
+    one[1], four[4] = before[0][1], before[0][4]
     pair = (after[0], after[2])
     assert any(
         torch.allclose(a, one, atol=1e-6) and torch.allclose(b, four, atol=1e-6) for a, b in (pair, pair[::-1])
