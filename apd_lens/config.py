@@ -59,6 +59,8 @@ class APDConfig:
     """Over-used: active at least this many times as often as the median live component."""
     split_until: float = 0.5
     """Split only during this fraction of the run."""
+    split_unused: float = 0.01
+    """Unused (a split's target): active at most this fraction as often as the median live component."""
     weights: tuple[str, ...] | None = None
     """fnmatch patterns selecting which of the model's declared weights to decompose."""
     n_batch_dims: int | None = None
@@ -132,6 +134,8 @@ class APDConfig:
             problems.append(f"split_every must be None or an integer >= 1, got {self.split_every!r}")
         if not self.split_ratio > 1:
             problems.append(f"split_ratio must be > 1, got {self.split_ratio}")
+        if not 0 <= self.split_unused < 1:
+            problems.append(f"split_unused must be in [0, 1), got {self.split_unused}")
         if not 0 <= self.split_until <= 1:
             problems.append(f"split_until must be in [0, 1], got {self.split_until}")
         if self.log_every < 1:

@@ -4,13 +4,14 @@ APD's typical failure on the toy models is two mechanisms merged in one componen
 components stay unused (the merged one is then active about twice as often as the others).
 Top-k never selects an unused component again, so the run cannot repair itself. Every
 ``split_every`` steps (until ``split_until`` of the run) the splitter counts how often each
-component was kept by the top-k mask since the last check (read from ``hook_mask``), then, for
-each component active at least ``split_ratio`` times as often as the median live component, takes
-an unused one (active on at most 1% of the median's rate) and splits: both get the over-used
-component's A, each half its B (so the sum of all components, hence faithfulness, is unchanged),
-with a small multiplicative noise on the copy to break the tie, and the copy gets the original's
-optimizer moments. The same idea as splitting clusters in k-means or re-seeding dead codes from
-busy ones in vector quantization.
+component was kept by the top-k mask since the last check (read at ``hook_mask``). Each component
+active at least ``split_ratio`` times as often as the median live one is paired with an unused
+one (active at most ``split_unused`` times as often as the median). The data points of the last
+batches on which it was active are grouped in two by the direction of their entering
+activations, and the component is split by a projector onto the input directions the second
+group uses more (:func:`split_by_input_subspace`; the sum of all components, hence faithfulness,
+is unchanged). The same idea as splitting clusters in k-means or re-seeding dead codes from busy
+ones in vector quantization.
 """
 
 from __future__ import annotations
@@ -26,8 +27,6 @@ from apd_lens import distributed
 
 logger = logging.getLogger(__name__)
 
-DEAD_FRACTION = 0.01
-"""A component is unused if it was active at most this fraction as often as the median live one."""
 SPLIT_POINTS = 8192
 """About this many data points (the last batches before a split) show how a component is used."""
 SPLIT_NOISE = 0.1
@@ -44,16 +43,18 @@ class Split:
 
 
 def choose_splits(
-    active_counts: Float[Tensor, " C"], n_points: int, split_ratio: float
+    active_counts: Float[Tensor, " C"], n_points: int, split_ratio: float, unused: float = 0.01
 ) -> tuple[list[tuple[int, int]], float]:
-    """``(over-used, unused)`` pairs to split, most over-used first, and the median live rate."""
+    """``(over-used, unused)`` pairs to split, most over-used first (least used first among the
+    unused), and the median live rate. Over-used: active at least ``split_ratio`` times as often as
+    the median live component; unused: at most ``unused`` times as often."""
     rate = active_counts.double() / max(n_points, 1)
     live = rate[rate > 0]
     if live.numel() == 0:
         return [], 0.0
     median = float(live.median())
     over = [int(c) for c in torch.argsort(rate, descending=True, stable=True) if rate[c] >= split_ratio * median]
-    dead = [int(c) for c in range(rate.numel()) if rate[c] <= DEAD_FRACTION * median]
+    dead = [int(c) for c in torch.argsort(rate, stable=True) if rate[c] <= unused * median]
     return list(zip(over, dead, strict=False)), median
 
 
@@ -160,7 +161,7 @@ class ComponentSplitter:
     def __init__(self, decomposition, optimizer: torch.optim.Optimizer):
         cfg = decomposition.config
         self.decomposition, self.optimizer = decomposition, optimizer
-        self.every, self.ratio = cfg.split_every, cfg.split_ratio
+        self.every, self.ratio, self.unused = cfg.split_every, cfg.split_ratio, cfg.split_unused
         self.last_step = int(cfg.split_until * cfg.steps)
         self.seed = cfg.seed
         self.counts = torch.zeros(cfg.n_components, dtype=torch.float64)
@@ -191,7 +192,7 @@ class ComponentSplitter:
             return []
         counts = distributed.sum_over_ranks(self.counts)
         n_points = int(distributed.sum_over_ranks(torch.tensor([float(self.n_points)])).item())
-        pairs, median = choose_splits(counts, n_points, self.ratio)
+        pairs, median = choose_splits(counts, n_points, self.ratio, self.unused)
         logger.debug("step %d: component activity rates %s", done, (counts / max(n_points, 1)).tolist())
         splits = []
         if pairs:

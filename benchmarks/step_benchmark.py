@@ -70,6 +70,8 @@ def build_case(name: str, n_components: int | None = None, probes: int | None = 
         f, h = (5, 2) if name == "tms-5-2" else (40, 10)
         model = TMS(f, h)
         config = model.apd_default_config()
+        if name == "tms-40-10":
+            config = config.replace(n_components=40)  # the reference code's C, as in the timing
         x = TMSData(f, config.batch_size, seed=1).sample()
     elif name == "resid-mlp-1":
         from apd_lens.models.resid_mlp import ResidMLPData, ResidualMLP

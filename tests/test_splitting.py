@@ -100,7 +100,12 @@ def test_a_resumed_run_splits_like_the_uninterrupted_one(tmp_path):
 
 @pytest.mark.parametrize(
     "bad, message",
-    [({"split_every": 0}, "split_every"), ({"split_ratio": 1.0}, "split_ratio"), ({"split_until": 1.5}, "split_until")],
+    [
+        ({"split_every": 0}, "split_every"),
+        ({"split_ratio": 1.0}, "split_ratio"),
+        ({"split_until": 1.5}, "split_until"),
+        ({"split_unused": 1.0}, "split_unused"),
+    ],
 )
 def test_bad_split_settings_are_refused(bad, message):
     with pytest.raises(ValueError, match=message):
@@ -117,13 +122,14 @@ def test_two_line_clusters_separates_points_on_two_lines_whatever_their_sign():
     assert torch.equal(group, truth) or torch.equal(group, ~truth)
 
 
+@pytest.mark.parametrize("unit_norm_A", [False, True])
 @pytest.mark.parametrize("antipodal", [False, True])
-def test_input_subspace_split_separates_two_merged_mechanisms_exactly(antipodal):
+def test_input_subspace_split_separates_two_merged_mechanisms_exactly(antipodal, unit_norm_A):
     """Component 0 holds two TMS features (1 and 4): on orthogonal inner directions, or (antipodal)
     read through one inner direction with opposite signs; a split on the inputs of its active
     points must give one feature to each component and keep the sum."""
     model = TMS(6, 3, seed=0)
-    config = model.apd_default_config().replace(n_components=3, progress=False)
+    config = model.apd_default_config().replace(n_components=3, progress=False, unit_norm_A=unit_norm_A)
     dec = Decomposition(model, model.apd_weight_specs(), config)
     comp = dec.components["W"]
     W = model.W.detach()  # [6, 3]: feature j's row
@@ -151,3 +157,6 @@ def test_input_subspace_split_separates_two_merged_mechanisms_exactly(antipodal)
     assert any(
         torch.allclose(a, one, atol=1e-6) and torch.allclose(b, four, atol=1e-6) for a, b in (pair, pair[::-1])
     ), pair
+    if unit_norm_A:  # renormalized columns, the change of scale moved into B
+        norms = comp.A.detach()[[0, 2]].norm(dim=1)
+        torch.testing.assert_close(norms[norms > 1e-6], torch.ones_like(norms[norms > 1e-6]))

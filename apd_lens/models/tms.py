@@ -78,7 +78,7 @@ class TMS(HookedRootModule):
             }
         else:
             paper = {
-                "n_components": self.n_features,
+                "n_components": max(self.n_features * 5 // 4, self.n_features + 1),  # 50 for 40-10 (paper)
                 "topk": 2.0,
                 "minimality_coeff": 10.0,
                 "simplicity_coeff": 20.0,
@@ -87,6 +87,9 @@ class TMS(HookedRootModule):
                 "lr_schedule": "cosine",
                 # forward mode: C tangents through two small matmuls beat n_features output probes
                 "attribution_backend": "jvp",
+                # not in the paper: split merged feature pairs into unused components (apd_lens.splitting)
+                "split_every": 500,
+                "split_until": 0.3,
             }
         return APDConfig(**common, **paper)
 
