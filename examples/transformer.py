@@ -1,7 +1,7 @@
 """Train a one-layer transformer on key -> value fact lookup, decompose its MLP with APD, and count
 how many facts get a dedicated component.
 
-    python examples/transformer.py [--facts 24] [--steps N] [--seed 0]
+    python examples/transformer.py [--facts 24] [--steps N] [--seed 0] [--apd topk=1.0,rank=2]
 
 Prints wall time and peak memory, and as its LAST line ``FACTS_DEDICATED=<n>/<total> RECON_KL=<x>``
 (RECON_KL: KL(target || top-k masked model) over all facts and positions, batch top-k mask).
