@@ -190,7 +190,7 @@ def fact_lookup_apd_config(task: FactLookupTask, **changes) -> APDConfig:
         lr=2e-3,
         lr_schedule="cosine",
         lr_warmup_frac=0.01,
-        steps=6000,
+        steps=12000,
         batch_size=128,
         weights=("blocks.0.mlp.W_in", "blocks.0.mlp.W_out"),
         extra={"experiment": f"fact-lookup-{task.n_facts}"},
