@@ -73,3 +73,20 @@ def test_activation_l1_makes_the_mlp_sparse():
         post = cache["blocks.0.mlp.hook_post"][:, -1]
         active.append((post > 0.05 * post.max()).sum(-1).float().mean().item())
     assert active[1] < 0.5 * active[0], active
+
+
+def test_ablation_and_overlap_penalties_give_every_fact_its_own_sep_neuron():
+    task = FactLookupTask(n_facts=8, seed=0)
+    model = make_fact_lookup_model(task, d_model=8, d_mlp=24)
+    train_fact_lookup(
+        model, task, steps=1500, act_l1=0.01, ablated_coeff=1.0, overlap_coeff=10.0, ramp_frac=0.5, progress=False
+    )
+    assert fact_accuracy(model, task) == 1.0
+    _, cache = model.run_with_cache(task.sequences(), names_filter="blocks.0.mlp.hook_post")
+    contrib = cache["blocks.0.mlp.hook_post"][:, -1] * model.blocks[0].mlp.W_out.norm(dim=-1)
+    top = contrib.argmax(-1)
+    assert len(set(top.tolist())) == task.n_facts  # no two facts share their main neuron
+    zeroed = model.run_with_hooks(
+        task.sequences(), fwd_hooks=[("blocks.0.mlp.hook_post", lambda t, hook: torch.cat([t[:, :1], 0 * t[:, 1:]], 1))]
+    )
+    assert (zeroed[:, -1].argmax(-1) != task.values()).all()  # without the MLP at SEP no fact is right
