@@ -82,9 +82,7 @@ def two_line_clusters(points: Float[Tensor, "n d"], iterations: int = 20) -> Boo
     group = torch.zeros(len(unit), dtype=torch.bool, device=unit.device)
     for _ in range(iterations):
         new = (unit @ second).abs() > (unit @ first).abs()
-        if new.all() or not new.any():
-            break
-        if torch.equal(new, group) and _ > 0:
+        if new.all() or not new.any() or torch.equal(new, group):
             break
         group = new
         first = torch.linalg.eigh(unit[~group].T @ unit[~group]).eigenvectors[:, -1]
