@@ -70,7 +70,7 @@ def split_component(decomposition, optimizer: torch.optim.Optimizer, source: int
             param[target].copy_(param[source] * (1 + SPLIT_NOISE * noise.to(param.device)))
         _copy_moments(optimizer, comp, source, target)
         if decomposition.config.unit_norm_A:
-            comp.normalize_A()
+            _unit_norm_A_keeping_P(comp, (source, target))
 
 
 def two_line_clusters(points: Float[Tensor, "n d"], iterations: int = 20) -> Bool[Tensor, " n"]:
@@ -133,12 +133,17 @@ def split_by_input_subspace(
             comp.A[source].copy_(a - comp.A[target])
             comp.B[target].copy_(comp.B[source])
         if decomposition.config.unit_norm_A:
-            for c in (source, target):
-                norms = comp.A[c].norm(dim=0).clamp_min(1e-12)  # [m]
-                comp.A[c].div_(norms)
-                comp.B[c].mul_(norms[:, None])  # P_c unchanged
+            _unit_norm_A_keeping_P(comp, (source, target))
         _copy_moments(optimizer, comp, source, target)
     return True
+
+
+def _unit_norm_A_keeping_P(comp, components: tuple[int, ...]) -> None:
+    """Rescale the columns of these components' A to unit norm, moving the scale into B."""
+    for c in components:
+        norms = comp.A[c].norm(dim=0).clamp_min(1e-12)  # [m]
+        comp.A[c].div_(norms)
+        comp.B[c].mul_(norms[:, None])  # P_c = A_c B_c unchanged
 
 
 def _copy_moments(optimizer: torch.optim.Optimizer, comp, source: int, target: int) -> None:
