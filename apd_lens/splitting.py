@@ -188,6 +188,7 @@ class ComponentSplitter:
         ``batch``: the step's batch (the last ones before a split are kept)."""
         done = step + 1
         if self.every is None or done > self.last_step:
+            self.close()  # no split is left: stop counting on every step
             return []
         if batch is not None:
             self._keep(batch, done)
