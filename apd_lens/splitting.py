@@ -73,11 +73,22 @@ def split_component(decomposition, optimizer: torch.optim.Optimizer, source: int
             _unit_norm_A_keeping_P(comp, (source, target))
 
 
+def principal_direction(points: Float[Tensor, "n d"]) -> Float[Tensor, " d"]:
+    """The unit top eigenvector of ``points^T points`` (the line through the origin closest to the
+    points), from the smaller of the two Gram matrices: ``[d, d]``, or ``[n, d]``'s ``[n, n]``
+    when there are fewer points than dims (e.g. 300 points of width 2000: a 300x300 eigh instead of
+    a 2000x2000 one)."""
+    if points.shape[0] >= points.shape[1]:
+        return torch.linalg.eigh(points.T @ points).eigenvectors[:, -1]
+    direction = points.T @ torch.linalg.eigh(points @ points.T).eigenvectors[:, -1]
+    return direction / direction.norm().clamp_min(1e-300)
+
+
 def two_line_clusters(points: Float[Tensor, "n d"], iterations: int = 20) -> Bool[Tensor, " n"]:
     """Split ``points`` into two groups, each close to a line through the origin (sign-blind
     2-means on directions): True marks the second group."""
     unit = points / points.norm(dim=1, keepdim=True).clamp_min(1e-12)
-    first = torch.linalg.eigh(unit.T @ unit).eigenvectors[:, -1]
+    first = principal_direction(unit)
     second = unit[(unit @ first).abs().argmin()]
     group = torch.zeros(len(unit), dtype=torch.bool, device=unit.device)
     for _ in range(iterations):
@@ -85,8 +96,8 @@ def two_line_clusters(points: Float[Tensor, "n d"], iterations: int = 20) -> Boo
         if new.all() or not new.any() or torch.equal(new, group):
             break
         group = new
-        first = torch.linalg.eigh(unit[~group].T @ unit[~group]).eigenvectors[:, -1]
-        second = torch.linalg.eigh(unit[group].T @ unit[group]).eigenvectors[:, -1]
+        first = principal_direction(unit[~group])
+        second = principal_direction(unit[group])
     return group
 
 

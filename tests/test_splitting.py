@@ -122,6 +122,19 @@ def test_two_line_clusters_separates_points_on_two_lines_whatever_their_sign():
     assert torch.equal(group, truth) or torch.equal(group, ~truth)
 
 
+@pytest.mark.parametrize("n_points", [7, 30, 200])
+def test_principal_direction_is_the_top_singular_vector_from_either_gram(n_points):
+    """Fewer points than dims takes the [n, n] Gram, more takes [d, d]: both give the top right
+    singular vector (checked against an SVD, up to sign)."""
+    gen = torch.Generator().manual_seed(n_points)
+    scales = torch.diag(torch.linspace(1, 3, 30, dtype=torch.float64))
+    points = torch.randn(n_points, 30, generator=gen, dtype=torch.float64) @ scales
+    expected = torch.linalg.svd(points).Vh[0]
+    direction = splitting.principal_direction(points)
+    assert direction.norm().item() == pytest.approx(1.0, abs=1e-12)
+    assert abs(direction @ expected).item() == pytest.approx(1.0, abs=1e-10)
+
+
 @pytest.mark.parametrize("unit_norm_A", [False, True])
 @pytest.mark.parametrize("antipodal", [False, True])
 def test_input_subspace_split_separates_two_merged_mechanisms_exactly(antipodal, unit_norm_A):
