@@ -8,7 +8,9 @@ differ only in how attributions are computed: "ours" (the case's default attribu
 "batched" (one batched autograd backward, ``attribution_backend="batched"``) and the baseline, the
 paper's algorithm, one backward pass per output dimension in a Python loop, written plainly below.
 Prints milliseconds per part, the full step, the baseline/apd_lens ratio, and the peak resident memory
-of each case (each case runs in its own subprocess so peaks do not mix). ``--scaling`` adds step time
+of each case (each case runs in its own subprocess so peaks do not mix), and a floor: the matmul FLOPs
+of one apd_lens step (counted by ``torch.utils.flop_counter``) at the process's own rate on a large
+square matmul, i.e. the time no reordering of the same arithmetic could beat. ``--scaling`` adds step time
 vs output width (probe attributions) and vs C.
 """
 
@@ -158,7 +160,35 @@ def measure_case(name: str, repeats: int, n_components: int | None, probes: int 
         dec.attribution_values = types.MethodType(per_output_loop_attributions, dec)
         result["baseline"] = time_steps(dec, x, repeats)
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    dec.config = config
+    vars(dec).pop("attribution_values", None)  # back to apd_lens' own attributions
+    result["gflop_per_step"] = step_gflop(dec, x)
+    result["matmul_gflops"] = matmul_rate()
     return result
+
+
+def step_gflop(dec: Decomposition, x) -> float:
+    """Floating-point operations (GFLOP) of one apd_lens step, counted per aten op (matmuls and
+    convolutions; elementwise work is not counted) by ``torch.utils.flop_counter``."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    optimizer = make_optimizer(dec.component_parameters(), lr=1e-4)
+    with FlopCounterMode(display=False) as counter:
+        terms = dec.losses(x)
+        optimizer.zero_grad(set_to_none=True)
+        terms["total"].backward()
+    return counter.get_total_flops() / 1e9
+
+
+def matmul_rate(size: int = 2048, repeats: int = 5) -> float:
+    """This process's float32 matmul rate (GFLOP/s) on a large square product: what the step's
+    counted FLOPs would take at best."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return 2 * size**3 * repeats / (time.perf_counter() - start) / 1e9
 
 
 def in_subprocess(*args) -> dict:
@@ -201,6 +231,12 @@ def main(argv: list[str] | None = None) -> None:
         ratio = res["baseline"]["step"] / res["ours"]["step"]
         attr_ratio = res["baseline"]["attribution"] / res["ours"]["attribution"]
         print(f"{name:<16}RATIO full step baseline/apd_lens = {ratio:.1f}x   attribution = {attr_ratio:.1f}x")
+        floor_ms = 1000 * res["gflop_per_step"] / res["matmul_gflops"]
+        print(
+            f"{name:<16}FLOOR {res['gflop_per_step']:.3g} GFLOP per apd_lens step (matmuls); at this machine's "
+            f"{res['matmul_gflops']:.0f} GFLOP/s matmul rate >= {floor_ms:.1f} ms; measured step = "
+            f"{res['ours']['step'] / floor_ms:.1f}x that"
+        )
         sys.stdout.flush()
     if args.scaling:
         results["scaling"] = scaling(args.repeats)
