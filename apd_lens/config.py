@@ -56,11 +56,14 @@ class APDConfig:
     """Every this many steps, split each over-used component into an unused one (see
     :mod:`apd_lens.splitting`; not in the paper); None: never."""
     split_ratio: float = 1.5
-    """Over-used: active at least this many times as often as the median live component."""
+    """Over-used: active at least this many times as often as the reference rate."""
     split_until: float = 0.5
     """Split only during this fraction of the run."""
     split_unused: float = 0.01
-    """Unused (a split's target): active at most this fraction as often as the median live component."""
+    """Unused (a split's target): active at most this fraction as often as the reference rate."""
+    split_reference: str = "live"
+    """The reference rate: ``"live"`` the median live component, ``"carrying"`` the median of the
+    busiest components carrying 80% of all activity (for C much larger than the number of mechanisms)."""
     weights: tuple[str, ...] | None = None
     """fnmatch patterns selecting which of the model's declared weights to decompose."""
     n_batch_dims: int | None = None
@@ -136,6 +139,8 @@ class APDConfig:
             problems.append(f"split_ratio must be > 1, got {self.split_ratio}")
         if not 0 <= self.split_unused < 1:
             problems.append(f"split_unused must be in [0, 1), got {self.split_unused}")
+        if self.split_reference not in ("live", "carrying"):
+            problems.append(f"split_reference must be 'live' or 'carrying', got {self.split_reference!r}")
         if not 0 <= self.split_until <= 1:
             problems.append(f"split_until must be in [0, 1], got {self.split_until}")
         if self.log_every < 1:

@@ -5,8 +5,12 @@ components stay unused (the merged one is then active about twice as often as th
 Top-k never selects an unused component again, so the run cannot repair itself. Every
 ``split_every`` steps (until ``split_until`` of the run) the splitter counts how often each
 component was kept by the top-k mask since the last check (read at ``hook_mask``). Each component
-active at least ``split_ratio`` times as often as the median live one is paired with an unused
-one (active at most ``split_unused`` times as often as the median). The data points of the last
+active at least ``split_ratio`` times as often as a reference rate is paired with an unused one
+(active at most ``split_unused`` times as often as the reference). The reference
+(``split_reference``) is the median live component (``"live"``), or the median of the busiest
+components that together carry ``CARRYING_SHARE`` of all activity (``"carrying"``): with many
+more components than mechanisms, most components are rarely-picked fillers, and the live median
+then says more about C than about one mechanism's rate. The data points of the last
 batches on which it was active are grouped in two by the direction of their entering
 activations, and the component is split by a projector onto the input directions the second
 group uses more (:func:`split_by_input_subspace`; the sum of all components, hence faithfulness,
@@ -29,6 +33,9 @@ logger = logging.getLogger(__name__)
 
 SPLIT_POINTS = 8192
 """About this many data points (the last batches before a split) show how a component is used."""
+CARRYING_SHARE = 0.8
+"""``split_reference="carrying"``: the reference is the median rate of the busiest components that
+together carry this share of all top-k activity."""
 SPLIT_NOISE = 0.1
 """Relative size of the multiplicative noise put on the copy's A and B."""
 
@@ -42,20 +49,38 @@ class Split:
     median_rate: float
 
 
-def choose_splits(
-    active_counts: Float[Tensor, " C"], n_points: int, split_ratio: float, unused: float = 0.01
-) -> tuple[list[tuple[int, int]], float]:
-    """``(over-used, unused)`` pairs to split, most over-used first (least used first among the
-    unused), and the median live rate. Over-used: active at least ``split_ratio`` times as often as
-    the median live component; unused: at most ``unused`` times as often."""
-    rate = active_counts.double() / max(n_points, 1)
+def reference_rate(rate: Float[Tensor, " C"], reference: str = "live") -> float:
+    """The rate over-used and unused components are measured against (see module doc)."""
     live = rate[rate > 0]
     if live.numel() == 0:
+        return 0.0
+    if reference == "live":
+        return float(live.median())
+    if reference == "carrying":
+        busiest = live.sort(descending=True).values
+        share = busiest.cumsum(0) / busiest.sum()
+        n_carrying = int((share < CARRYING_SHARE).sum()) + 1
+        return float(busiest[:n_carrying].median())
+    raise ValueError(f"split reference must be 'live' or 'carrying', got {reference!r}")
+
+
+def choose_splits(
+    active_counts: Float[Tensor, " C"],
+    n_points: int,
+    split_ratio: float,
+    unused: float = 0.01,
+    reference: str = "live",
+) -> tuple[list[tuple[int, int]], float]:
+    """``(over-used, unused)`` pairs to split, most over-used first (least used first among the
+    unused), and the reference rate (:func:`reference_rate`). Over-used: active at least
+    ``split_ratio`` times as often as the reference; unused: at most ``unused`` times as often."""
+    rate = active_counts.double() / max(n_points, 1)
+    ref = reference_rate(rate, reference)
+    if ref == 0.0:
         return [], 0.0
-    median = float(live.median())
-    over = [int(c) for c in torch.argsort(rate, descending=True, stable=True) if rate[c] >= split_ratio * median]
-    dead = [int(c) for c in torch.argsort(rate, stable=True) if rate[c] <= unused * median]
-    return list(zip(over, dead, strict=False)), median
+    over = [int(c) for c in torch.argsort(rate, descending=True, stable=True) if rate[c] >= split_ratio * ref]
+    dead = [int(c) for c in torch.argsort(rate, stable=True) if rate[c] <= unused * ref]
+    return list(zip(over, dead, strict=False)), ref
 
 
 @torch.no_grad()
@@ -176,6 +201,7 @@ class ComponentSplitter:
         cfg = decomposition.config
         self.decomposition, self.optimizer = decomposition, optimizer
         self.every, self.ratio, self.unused = cfg.split_every, cfg.split_ratio, cfg.split_unused
+        self.reference = cfg.split_reference
         self.last_step = int(cfg.split_until * cfg.steps)
         self.seed = cfg.seed
         self.counts = torch.zeros(cfg.n_components, dtype=torch.float64)
@@ -207,7 +233,7 @@ class ComponentSplitter:
             return []
         counts = distributed.sum_over_ranks(self.counts)
         n_points = int(distributed.sum_over_ranks(torch.tensor([float(self.n_points)])).item())
-        pairs, median = choose_splits(counts, n_points, self.ratio, self.unused)
+        pairs, median = choose_splits(counts, n_points, self.ratio, self.unused, self.reference)
         logger.debug("step %d: component activity rates %s", done, (counts / max(n_points, 1)).tolist())
         splits = []
         if pairs:

@@ -24,6 +24,24 @@ def test_choose_splits_pairs_the_busiest_with_unused_components():
     assert choose_splits(torch.zeros(3), 10, 1.5) == ([], 0.0)
 
 
+def test_carrying_reference_ignores_rarely_picked_fillers():
+    # 4 busy components (0.30 serves three mechanisms, 0.10 x 3), 2 at 0.05 and 20 fillers at 0.01:
+    # total 0.9. Live median 0.01: every busy component looks over-used and no filler is unused. The
+    # busiest components carrying 80% (0.72) of activity: 0.30, 0.10 x 3, 0.05 x 2 (0.70) and two
+    # fillers -> 8 components, (lower) median 0.05. Over-used: >= 1.5 x 0.05 -> components 0-3;
+    # unused: <= 0.25 x 0.05 -> the fillers, from component 6 on.
+    rates = torch.tensor([0.30, 0.10, 0.10, 0.10, 0.05, 0.05] + [0.01] * 20)
+    assert splitting.reference_rate(rates, "live") == pytest.approx(0.01)
+    assert splitting.reference_rate(rates, "carrying") == pytest.approx(0.05)
+    pairs, reference = choose_splits(rates * 1000, 1000, split_ratio=1.5, unused=0.25, reference="carrying")
+    assert reference == pytest.approx(0.05)
+    assert pairs == [(0, 6), (1, 7), (2, 8), (3, 9)]
+    live_pairs, _ = choose_splits(rates * 1000, 1000, split_ratio=1.5, unused=0.25, reference="live")
+    assert live_pairs == []  # no component is at most 0.25 x 0.01 active
+    with pytest.raises(ValueError, match="carrying"):
+        splitting.reference_rate(rates, "mean")
+
+
 def _trained_decomposition(**cfg):
     model = TMS(5, 2, seed=0)
     config = model.apd_default_config().replace(n_components=4, progress=False, **cfg)
@@ -105,6 +123,7 @@ def test_a_resumed_run_splits_like_the_uninterrupted_one(tmp_path):
         ({"split_ratio": 1.0}, "split_ratio"),
         ({"split_until": 1.5}, "split_until"),
         ({"split_unused": 1.0}, "split_unused"),
+        ({"split_reference": "mean"}, "split_reference"),
     ],
 )
 def test_bad_split_settings_are_refused(bad, message):

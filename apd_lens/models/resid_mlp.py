@@ -167,6 +167,10 @@ class ResidualMLP(HookedRootModule):
             # with split_every=500 (--split-every 500 in examples/resid_mlp.py; not in the paper): 96/100
             # dedicated features vs 64/100 without; resid components are rarely fully unused
             split_unused=0.25,
+            # 2 layers: C 200 for 100 features leaves ~100 rarely-picked fillers, so the live median
+            # says little about one feature's rate (lr 5e-4 run: no component was idle enough to be a
+            # target while 28 components served 2-4 features each)
+            split_reference="live" if n == 1 else "carrying",
             extra={"experiment": f"resid-mlp-{self.n_layers}-layer"},
         )
 
