@@ -18,12 +18,7 @@ from apd_lens.config import APDConfig
 from apd_lens.distributed import global_batch_topk_mask
 from apd_lens.hooked_forward import HookPlan, PassRecord, hooked_forward
 from apd_lens.leave_gradients import vmap_leave_gradients
-from apd_lens.losses import (
-    activation_recon_loss,
-    faithfulness_loss,
-    output_loss,
-    simplicity_loss,
-)
+from apd_lens.losses import activation_recon_loss, output_loss, parameter_losses
 from apd_lens.masks import batch_topk_mask, per_example_topk_mask
 from apd_lens.spec import WeightSpec, get_parameter, validate_specs
 
@@ -361,10 +356,11 @@ class Decomposition(HookedRootModule):
     def _loss_terms(self, target: PassRecord, masked: PassRecord, mask: Tensor) -> dict[str, Tensor]:
         cfg = self.config
         target_out = target.output.detach()
+        faithfulness, simplicity = parameter_losses(self.target_matrices(), self._components, mask, cfg.schatten_p)
         terms = {
-            "faithfulness": faithfulness_loss(self.target_matrices(), self._components),
+            "faithfulness": faithfulness,
             "minimality": output_loss(masked.output, target_out, cfg.output_loss),
-            "simplicity": simplicity_loss(mask, self._components, cfg.schatten_p, self.n_params),
+            "simplicity": simplicity,
         }
         total = (
             cfg.faithfulness_coeff * terms["faithfulness"]

@@ -1,4 +1,4 @@
-"""The hand-written backward passes (sparse masked matmul, faithfulness residual) against finite
+"""The hand-written backward passes (sparse masked matmul, faithfulness + simplicity) against finite
 differences (torch.autograd.gradcheck, float64) and against plain autograd of the obvious formula."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from apd_lens.losses import _SquaredResidual
+from apd_lens.losses import _ParameterLosses
 from apd_lens.sparse_masked import sparse_masked_matmul
 
 
@@ -44,9 +44,31 @@ def test_sparse_masked_matmul_equals_the_sum_over_components(transposed):
         torch.testing.assert_close(g, r, rtol=1e-12, atol=1e-12)
 
 
-def test_squared_residual_gradcheck_and_value():
-    _, a, b, _ = _inputs(False)
+def _plain_parameter_losses(w, a, b, counts, p):
+    """The obvious formulas, by plain autograd: squared residual and the count-weighted Schatten proxy."""
+    faith = (w - sum(a[c] @ b[c] for c in range(a.shape[0]))).square().sum()
+    simp = sum(
+        counts[c] * ((a[c, :, m].square().sum() * b[c, m, :].square().sum() + 1e-16) ** (p / 2))
+        for c in range(a.shape[0])
+        for m in range(a.shape[2])
+    )
+    return torch.stack([faith, simp])
+
+
+@pytest.mark.parametrize("p", [0.9, 1.0])
+def test_parameter_losses_gradcheck_and_equal_to_the_plain_formulas(p):
+    _, a, b, mask = _inputs(False)
     w = torch.randn(a.shape[1], b.shape[2], dtype=torch.float64)
-    assert torch.autograd.gradcheck(lambda a, b: _SquaredResidual.apply(w, a, b), (a, b))
-    want = (w - sum(a[c] @ b[c] for c in range(a.shape[0]))).square().sum()
-    torch.testing.assert_close(_SquaredResidual.apply(w, a, b), want, rtol=1e-12, atol=1e-12)
+    counts = mask.sum(0).requires_grad_(True)  # includes a zero count (component 2)
+    assert torch.autograd.gradcheck(lambda a, b, k: _ParameterLosses.apply(w, a, b, k, p), (a, b, counts))
+    got = _ParameterLosses.apply(w, a, b, counts, p)
+    want = _plain_parameter_losses(w, a, b, counts, p)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    up = torch.tensor([0.7, -1.3], dtype=torch.float64)
+    grads = torch.autograd.grad((got * up).sum(), (a, b, counts))
+    ref = torch.autograd.grad((want * up).sum(), (a, b, counts))
+    for g, r in zip(grads, ref, strict=True):
+        torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-12)
+    faith_only = _ParameterLosses.apply(w, a, b, None, p)
+    torch.testing.assert_close(faith_only, torch.stack([want[0], torch.zeros_like(want[0])]))
+    assert torch.autograd.gradcheck(lambda a, b: _ParameterLosses.apply(w, a, b, None, p)[0], (a, b))
