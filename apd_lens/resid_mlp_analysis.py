@@ -211,11 +211,13 @@ class ResidMLPReport:
     def n_features(self) -> int:
         return self.mse_topk.numel()
 
-    def spanning(self, min_share: float = 0.1) -> int:
-        """Features whose component carries at least ``min_share`` of its contribution in every layer."""
+    def spanning(self, min_share: float = 0.1, of: str = "component") -> int:
+        """Features whose component (``of="target"``: the target's neurons) carries at least
+        ``min_share`` of the feature's neuron contributions in every layer."""
         if self.n_layers < 2:
             return 0
-        return int((layer_shares(self.component_contributions).min(0).values >= min_share).sum())
+        contributions = {"component": self.component_contributions, "target": self.target_contributions}[of]
+        return int((layer_shares(contributions).min(0).values >= min_share).sum())
 
     def summary(self) -> dict:
         a = self.assignment
@@ -236,6 +238,7 @@ class ResidMLPReport:
         if self.n_layers > 1:
             shares = layer_shares(self.component_contributions)
             out["spanning_both_layers"] = self.spanning()
+            out["target_spanning_both_layers"] = self.spanning(of="target")
             out["component_layer_share_mean"] = shares.mean(1).tolist()
             out["target_layer_share_mean"] = layer_shares(self.target_contributions).mean(1).tolist()
         out.update(self.extra)
@@ -254,7 +257,8 @@ class ResidMLPReport:
         ]
         if self.n_layers > 1:
             lines.append(
-                f"components spanning both layers (>=10% each): {s['spanning_both_layers']}/{s['n_features']}; "
+                f"components spanning both layers (>=10% each): {s['spanning_both_layers']}/{s['n_features']} "
+                f"(target: {s['target_spanning_both_layers']}); "
                 f"mean layer shares component {[round(v, 3) for v in s['component_layer_share_mean']]} "
                 f"target {[round(v, 3) for v in s['target_layer_share_mean']]}"
             )
