@@ -61,6 +61,12 @@ class APDConfig:
     """Split only during this fraction of the run."""
     split_unused: float = 0.01
     """Unused (a split's target): active at most this fraction as often as the reference rate."""
+    split_points: str = "active"
+    """Data points that show how a component is used when it is split: ``"active"`` those where the
+    top-k mask keeps it, ``"top"`` those where it has the largest attribution."""
+    split_group_by: str = "all"
+    """Group those points by the entering activations of ``"all"`` decomposed weights side by side, or of
+    the ``"first"`` declared weight only."""
     split_reference: str = "live"
     """The reference rate: ``"live"`` the median live component, ``"carrying"`` the median of the
     busiest components carrying 80% of all activity (for C much larger than the number of mechanisms)."""
@@ -139,6 +145,10 @@ class APDConfig:
             problems.append(f"split_ratio must be > 1, got {self.split_ratio}")
         if not 0 <= self.split_unused < 1:
             problems.append(f"split_unused must be in [0, 1), got {self.split_unused}")
+        if self.split_points not in ("active", "top"):
+            problems.append(f"split_points must be 'active' or 'top', got {self.split_points!r}")
+        if self.split_group_by not in ("all", "first"):
+            problems.append(f"split_group_by must be 'all' or 'first', got {self.split_group_by!r}")
         if self.split_reference not in ("live", "carrying"):
             problems.append(f"split_reference must be 'live' or 'carrying', got {self.split_reference!r}")
         if not 0 <= self.split_until <= 1:

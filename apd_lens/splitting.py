@@ -16,6 +16,14 @@ activations, and the component is split by a projector onto the input directions
 group uses more (:func:`split_by_input_subspace`; the sum of all components, hence faithfulness,
 is unchanged). The same idea as splitting clusters in k-means or re-seeding dead codes from busy
 ones in vector quantization.
+
+Two options matter when components are also kept as batch top-k's fillers and the model has
+several layers (the 2-layer residual MLP): ``split_points="top"`` uses only the data points on which
+the component has the largest attribution (a busy component is also kept on many points where it is
+a second choice: 224 of 313 points of a 4-feature component were led by other features), and
+``split_group_by="first"`` groups the points by the inputs of the first declared weight only (later
+weights read post-ReLU activations, in which one feature's positive and negative values point in
+different directions, so grouping on them split features by sign).
 """
 
 from __future__ import annotations
@@ -133,22 +141,24 @@ def split_by_input_subspace(
     source: int,
     target: int,
     inputs: dict[str, tuple[Tensor, bool]],
+    group_by: tuple[str, ...] | None = None,
 ) -> bool:
     """Split ``source`` along the input directions its two groups of data points use.
 
     ``inputs``: weight name -> (the activations entering it ``[n, d]`` on the data points where
     ``source`` is active, whether that use is transposed). The points are grouped in two by
-    direction (sign-blind; all weights' inputs side by side). Per weight, the input directions
-    used more by the second group than by the first (positive eigenvectors of ``S2 - S1``,
-    ``S = sum x^T x``) span a projector ``R``: the target gets ``R A`` (``B R`` for a transposed
-    use), the source keeps the rest, so ``P_source + P_target`` is unchanged. Clustering the inputs
-    rather than the component's inner activations also separates mechanisms that the component
-    reads through one direction with opposite signs (TMS's antipodal feature pairs). Returns
-    False (nothing changed) if the points do not fall in two groups.
+    direction (sign-blind; the inputs of the weights in ``group_by``, default all, side by side).
+    Per weight, the input directions used more by the second group than by the first (positive
+    eigenvectors of ``S2 - S1``, ``S = sum x^T x``) span a projector ``R``: the target gets ``R A``
+    (``B R`` for a transposed use), the source keeps the rest, so ``P_source + P_target`` is
+    unchanged. Clustering the inputs rather than the component's inner activations also separates
+    mechanisms that the component reads through one direction with opposite signs (TMS's antipodal
+    feature pairs). Returns False (nothing changed) if the points do not fall in two groups.
     """
     if min(x.shape[0] for x, _ in inputs.values()) < 4:
         return False
-    scaled = [x / x.norm(dim=1).mean().clamp_min(1e-12) for x, _ in inputs.values()]
+    names = list(inputs) if group_by is None else [n for n in inputs if n in group_by]
+    scaled = [inputs[n][0] / inputs[n][0].norm(dim=1).mean().clamp_min(1e-12) for n in names]
     group = two_line_clusters(torch.cat(scaled, dim=1).double())
     if group.sum() < 2 or (~group).sum() < 2:
         return False
@@ -202,6 +212,8 @@ class ComponentSplitter:
         self.decomposition, self.optimizer = decomposition, optimizer
         self.every, self.ratio, self.unused = cfg.split_every, cfg.split_ratio, cfg.split_unused
         self.reference = cfg.split_reference
+        self.top_points = cfg.split_points == "top"
+        self.group_by = None if cfg.split_group_by == "all" else (decomposition.specs[0].name,)
         self.last_step = int(cfg.split_until * cfg.steps)
         self.seed = cfg.seed
         self.counts = torch.zeros(cfg.n_components, dtype=torch.float64)
@@ -240,7 +252,10 @@ class ComponentSplitter:
             inputs = self._inputs([s for s, _ in pairs])
             generator = torch.Generator().manual_seed(self.seed * 1_000_003 + done)
             for source, target in pairs:
-                if not split_by_input_subspace(self.decomposition, self.optimizer, source, target, inputs[source]):
+                split = split_by_input_subspace(
+                    self.decomposition, self.optimizer, source, target, inputs[source], self.group_by
+                )
+                if not split:
                     split_component(self.decomposition, self.optimizer, source, target, generator)
                 splits.append(Split(done, source, target, float(counts[source]) / max(n_points, 1), median))
             for comp in self.decomposition.components.values():
@@ -261,7 +276,8 @@ class ComponentSplitter:
     @torch.no_grad()
     def _inputs(self, sources: list[int]) -> dict[int, dict[str, tuple[Tensor, bool]]]:
         """Per source, weight name -> (the activations entering the weight on the kept batches'
-        data points where the top-k mask keeps the source, whether that use is transposed).
+        data points where the top-k mask keeps the source (``split_points="top"``: where the source
+        has the largest attribution), whether that use is transposed).
         A tied weight contributes its first use that reads through A (its other uses see the
         model's outputs, interference included)."""
         dec = self.decomposition
@@ -273,7 +289,11 @@ class ComponentSplitter:
         self._counting = False
         try:
             for x in self.recent:
-                mask = dec.topk_mask(x).reshape(-1, dec.n_components)
+                if self.top_points:  # points where the component has the largest attribution
+                    attributions = dec.attributions(x).reshape(-1, dec.n_components)
+                    mask = torch.nn.functional.one_hot(attributions.argmax(-1), dec.n_components)
+                else:  # points where the top-k mask keeps it
+                    mask = dec.topk_mask(x).reshape(-1, dec.n_components)
                 record = dec.target_pass(x, make_leaves=False)
                 for name, (i, _) in reading.items():
                     enter = record.enters[(name, i)].detach()

@@ -171,6 +171,10 @@ class ResidualMLP(HookedRootModule):
             # says little about one feature's rate (lr 5e-4 run: no component was idle enough to be a
             # target while 28 components served 2-4 features each)
             split_reference="live" if n == 1 else "carrying",
+            # 2 layers: the points each busy component leads, grouped by the first weight's input (the
+            # residual stream); with all weights' inputs the groups were the signs of one feature
+            split_points="active" if n == 1 else "top",
+            split_group_by="all" if n == 1 else "first",
             extra={"experiment": f"resid-mlp-{self.n_layers}-layer"},
         )
 
