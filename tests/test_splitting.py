@@ -9,6 +9,7 @@ import apd_lens
 from apd_lens import splitting
 from apd_lens.checkpoint import checkpoint_path
 from apd_lens.decomposition import Decomposition
+from apd_lens.models.resid_mlp import ResidualMLP
 from apd_lens.models.tms import TMS, TMSData
 from apd_lens.splitting import ComponentSplitter, choose_splits, split_component
 
@@ -50,6 +51,39 @@ def _trained_decomposition(**cfg):
     dec.losses(TMSData(5, 64, seed=1).sample())["total"].backward()
     opt.step()
     return dec, opt
+
+
+def test_group_by_groups_on_the_named_weights_inputs_only():
+    # Weight 1's inputs lie on two lines, e_0 (first 10 points) and e_1 (last 10); weight 2's inputs
+    # point along f_0 or f_1 by the SIGN of their coefficient, cutting across those groups (like
+    # post-ReLU activations of one feature's positive and negative values). Grouped by weight 1 only,
+    # the target's A of weight 1 is A's row 0 or row 1 alone (the projector is onto one line), and the
+    # source + target equals the source before.
+    model = ResidualMLP(n_features=4, d_resid=6, d_mlp=3, n_layers=1, seed=0).double()
+    config = model.apd_default_config().replace(n_components=3, progress=False, unit_norm_A=False)
+    dec = Decomposition(model, model.apd_weight_specs(), config)
+    opt = torch.optim.Adam(dec.component_parameters(), lr=1e-2)
+    w_in, w_out = "blocks.0.mlp.W_in", "blocks.0.mlp.W_out"
+    coeff = torch.linspace(0.5, 1.5, 10, dtype=torch.float64) * torch.tensor([1.0, -1.0]).repeat(5)
+    x_in = torch.zeros(20, 6, dtype=torch.float64)
+    x_in[:10, 0], x_in[10:, 1] = coeff, coeff
+    x_out = torch.zeros(20, 3, dtype=torch.float64)
+    x_out[:, 0] = torch.cat([coeff, coeff]).clamp_min(0)
+    x_out[:, 1] = torch.cat([coeff, coeff]).clamp_max(0)
+    before = {  # the source alone: the target's old content is overwritten
+        n: dec.components[n].component_matrices()[0].detach().clone() for n in (w_in, w_out)
+    }
+    a_in = dec.components[w_in].A[0].detach().clone()
+    inputs = {w_in: (x_in, False), w_out: (x_out, False)}
+    assert splitting.split_by_input_subspace(dec, opt, 0, 2, inputs, group_by=(w_in,))
+    moved = dec.components[w_in].A[2].detach()
+    kept_row = 0 if moved[0].abs().max() > 0 else 1
+    want = torch.zeros_like(a_in)
+    want[kept_row] = a_in[kept_row]
+    torch.testing.assert_close(moved, want, atol=1e-12, rtol=0)
+    for n in (w_in, w_out):
+        after = dec.components[n].component_matrices()[0] + dec.components[n].component_matrices()[2]
+        torch.testing.assert_close(after, before[n])
 
 
 @pytest.mark.parametrize("unit_norm_A", [False, True])
@@ -124,6 +158,8 @@ def test_a_resumed_run_splits_like_the_uninterrupted_one(tmp_path):
         ({"split_until": 1.5}, "split_until"),
         ({"split_unused": 1.0}, "split_unused"),
         ({"split_reference": "mean"}, "split_reference"),
+        ({"split_points": "all"}, "split_points"),
+        ({"split_group_by": "last"}, "split_group_by"),
     ],
 )
 def test_bad_split_settings_are_refused(bad, message):
@@ -192,3 +228,28 @@ def test_input_subspace_split_separates_two_merged_mechanisms_exactly(antipodal,
     if unit_norm_A:  # renormalized columns, the change of scale moved into B
         norms = comp.A.detach()[[0, 2]].norm(dim=1)
         torch.testing.assert_close(norms[norms > 1e-6], torch.ones_like(norms[norms > 1e-6]))
+
+
+@pytest.mark.parametrize("points", ["active", "top"])
+def test_split_points_are_where_the_mask_keeps_or_the_attribution_leads(points):
+    dec, opt = _trained_decomposition(split_every=10, split_points=points)
+    splitter = ComponentSplitter(dec, opt)
+    x = TMSData(5, 64, seed=3).sample()
+    splitter.recent = [x]
+    with torch.no_grad():
+        attributions = dec.attributions(x)
+        enter = dec.target_pass(x, make_leaves=False).enters[("W", 0)]
+    found = splitter._inputs([0, 1, 2, 3])
+    for c in range(4):
+        if points == "top":
+            keep = attributions.argmax(-1) == c
+        else:
+            k = int(dec.config.topk * x.shape[0])  # batch top-k over the whole batch, by brute force
+            flat = attributions.flatten()
+            chosen = torch.zeros_like(flat, dtype=torch.bool)
+            chosen[flat.argsort(descending=True)[:k]] = True
+            keep = chosen.reshape(attributions.shape)[:, c]
+        got, transposed = found[c]["W"]
+        torch.testing.assert_close(got, enter[keep])
+        assert transposed is False
+    splitter.close()
