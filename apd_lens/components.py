@@ -111,7 +111,8 @@ class ComponentWeight(nn.Module):
     @torch.no_grad()
     def normalize_A(self) -> None:
         """Rescale each column of every A_c to unit norm over d_in (the paper's resid-MLP option)."""
-        self.A.div_(self.A.norm(dim=1, keepdim=True).clamp_min(1e-12))
+        # square-sum-sqrt: torch's vector_norm over a middle dim is ~4x slower on CPU (11 vs 2.7 ms for [130, 1000, 50])
+        self.A.div_(self.A.square().sum(1, keepdim=True).sqrt_().clamp_min_(1e-12))
 
     @torch.no_grad()
     def set_from_matrices(self, A: Float[Tensor, "C d_in m"], B: Float[Tensor, "C m d_out"]) -> None:

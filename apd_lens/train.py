@@ -205,10 +205,7 @@ def run_steps(
         optimizer.zero_grad(set_to_none=True)
         terms["total"].backward()
         check_gradients(decomposition, step)
-        optimizer.step()
-        if cfg.unit_norm_A:
-            for comp in decomposition.components.values():
-                comp.normalize_A()
+        apply_update(decomposition, optimizer)
         if splitter is not None:
             for split in splitter.after_step(step, x):
                 logger.info(
@@ -228,6 +225,14 @@ def run_steps(
             bar.set_postfix({k: f"{v:.3g}" for k, v in row.items() if k not in ("step", "lr")})
         if after_step is not None:
             after_step(step, row)
+
+
+def apply_update(decomposition: Decomposition, optimizer: torch.optim.Optimizer) -> None:
+    """The parameter update of one step: the optimizer step, then (``unit_norm_A``) A renormalized."""
+    optimizer.step()
+    if decomposition.config.unit_norm_A:
+        for comp in decomposition.components.values():
+            comp.normalize_A()
 
 
 def check_gradients(decomposition: Decomposition, step: int) -> None:

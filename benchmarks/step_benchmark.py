@@ -34,7 +34,7 @@ from apd_lens import APDConfig
 from apd_lens.decomposition import Decomposition
 from apd_lens.hooked_forward import PassRecord
 from apd_lens.malloc_tuning import keep_freed_memory
-from apd_lens.train import make_optimizer
+from apd_lens.train import apply_update, make_optimizer
 
 PARTS = ("target_forward", "attribution", "masked_forward", "losses", "backward", "optimizer")
 
@@ -129,7 +129,7 @@ def time_steps(dec: Decomposition, x, repeats: int) -> dict[str, float]:
             optimizer.zero_grad(set_to_none=True)
             terms["total"].backward()
         with section("optimizer"):
-            optimizer.step()
+            apply_update(dec, optimizer)  # as in training: Adam, then A renormalized if unit_norm_A
         samples["step"].append(time.perf_counter() - start)
     dec.section_timer = None
     return {k: 1000 * statistics.median(v[1:]) for k, v in samples.items()}

@@ -3,6 +3,8 @@ forwards with the summed masked weights substituted via torch.func.functional_ca
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch.func import functional_call
@@ -218,3 +220,18 @@ def test_sparse_and_dense_masked_forward_match_functional_call(kind, sparse):
     ref = torch.autograd.grad(dense.output.square().sum(), dec.component_parameters())
     for g, r in zip(grads, ref, strict=True):
         torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-10)
+
+
+def test_normalize_A_divides_every_column_by_its_norm_over_d_in():
+    from apd_lens.components import ComponentWeight
+
+    comp = ComponentWeight(3, 5, 4, 2, generator=torch.Generator().manual_seed(0)).double()
+    with torch.no_grad():
+        comp.A[1, :, 0] = 0.0  # a zero column stays zero (no division by zero)
+    before = comp.A.detach().clone()
+    comp.normalize_A()
+    for c in range(3):
+        for m in range(2):
+            norm = math.sqrt(sum(float(before[c, i, m]) ** 2 for i in range(5)))
+            want = before[c, :, m] / norm if norm > 0 else before[c, :, m]
+            torch.testing.assert_close(comp.A[c, :, m], want)
