@@ -114,6 +114,9 @@ def test_paper_config():
             10_000,
             256,
         )
+        # splitting options (splitting itself is off unless split_every is given): see apd_default_config
+        want_split = ("live", "active", "all") if n_layers == 1 else ("carrying", "top", "first")
+        assert (cfg.split_reference, cfg.split_points, cfg.split_group_by) == want_split
 
 
 def test_monosemantic_baseline_is_one_neuron_per_feature():
@@ -276,12 +279,7 @@ def test_shortened_recovery():
     """The paper's structure at a fifth of its size, 1000 steps: most features get a component of
     their own, the top-k pass is close to the target, and ablating a feature's own component costs
     far more than ablating unrelated ones."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # small matrices: one thread is faster, and the CPU is shared
-    try:
-        report = recovery_run()
-    finally:
-        torch.set_num_threads(threads)
+    report = recovery_run()
     s = report.summary()
     assert s["dedicated"] >= 16, report.describe()  # measured 18/20
     assert s["antiscrubbed_mse"] >= 2 * s["scrubbed_mse"], report.describe()  # measured 2.5x
@@ -289,16 +287,25 @@ def test_shortened_recovery():
     assert s["target_vs_labels_mse"] < 0.5 * s["mono_vs_labels_mse"], report.describe()  # compressed computation
 
 
-def recovery_run():
+def recovery_run(
+    n_layers: int = 1, d_mlp: int = 10, n_components: int = 26, steps: int = 1000, lr: float = 5e-3, **cfg
+):
     """20 features, d_resid 200, 10 neurons (the paper's 100:1000:50 divided by 5; each feature on
     with probability 0.05, so one active feature per sample on average as in the paper), C = 26
     (1.3 per feature as the paper's 130), the paper's coefficients and top-k; lr 5e-3 instead of
-    1e-3 because of the 10x shorter run."""
-    model = ResidualMLP(n_features=20, d_resid=200, d_mlp=10, n_layers=1, seed=0)
-    train_resid_mlp(model, steps=500, p=0.05, seed=0, progress=False)
-    config = model.apd_default_config().replace(n_components=26, steps=1000, lr=5e-3, progress=False)
-    dec = apd_lens.decompose(model, ResidMLPData(20, config.batch_size, p=0.05, seed=1), config)
-    return analyse_resid_mlp(dec, n_per_feature=50, seed=0)
+    1e-3 because of the 10x shorter run. One thread: small matrices, and the CPU is shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model = ResidualMLP(n_features=20, d_resid=200, d_mlp=d_mlp, n_layers=n_layers, seed=0)
+        train_resid_mlp(model, steps=500, p=0.05, seed=0, progress=False)
+        config = model.apd_default_config().replace(
+            n_components=n_components, steps=steps, lr=lr, progress=False, **cfg
+        )
+        dec = apd_lens.decompose(model, ResidMLPData(20, config.batch_size, p=0.05, seed=1), config)
+        return analyse_resid_mlp(dec, n_per_feature=50, seed=0)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_shortened_recovery_two_layers():
@@ -306,19 +313,7 @@ def test_shortened_recovery_two_layers():
     size: 2 x 5 neurons, C 40 (2 per feature as the paper's 200), 2000 steps with component splitting
     every 100. Measured 12/20 dedicated (10/20 without splitting; seed 1: 16/20): at this size the
     recipe is less clean than at full size, so this guards the pipeline, not the full-size result."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        model = ResidualMLP(n_features=20, d_resid=200, d_mlp=5, n_layers=2, seed=0)
-        train_resid_mlp(model, steps=500, p=0.05, seed=0, progress=False)
-        config = model.apd_default_config().replace(
-            n_components=40, steps=2000, lr=1e-3, split_every=100, progress=False
-        )
-        assert (config.split_reference, config.split_points, config.split_group_by) == ("carrying", "top", "first")
-        dec = apd_lens.decompose(model, ResidMLPData(20, config.batch_size, p=0.05, seed=1), config)
-        report = analyse_resid_mlp(dec, n_per_feature=50, seed=0)
-    finally:
-        torch.set_num_threads(threads)
+    report = recovery_run(n_layers=2, d_mlp=5, n_components=40, steps=2000, lr=1e-3, split_every=100)
     s = report.summary()
     assert s["dedicated"] >= 10, report.describe()  # measured 12/20
     assert s["antiscrubbed_mse"] >= 2 * s["scrubbed_mse"], report.describe()  # measured 2.7x
