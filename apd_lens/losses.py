@@ -9,6 +9,9 @@ from torch import Tensor
 
 from apd_lens.components import ComponentWeight
 
+SCHATTEN_EPS = 1e-16
+"""Added to ``|A_m|^2 |B_m|^2`` before the power p/2 < 1 (whose slope is infinite at 0)."""
+
 
 def faithfulness_loss(targets: dict[str, Tensor], components: dict[str, ComponentWeight]) -> Tensor:
     """sum_l ||W_l - sum_c P_{c,l}||^2 divided by the number of decomposed parameters.
@@ -109,30 +112,3 @@ def activation_recon_loss(acts: dict[str, Tensor], targets: dict[str, Tensor], n
         err = (act - targets[name]).square().reshape(*act.shape[:n_batch_dims], -1).sum(-1)
         total = err if total is None else total + err
     return total.mean() / total_width
-
-
-SCHATTEN_EPS = 1e-16
-"""Added to ``|A_m|^2 |B_m|^2`` before the power p/2 < 1 (whose slope is infinite at 0)."""
-
-
-def component_schatten_norms(
-    components: dict[str, ComponentWeight], p: float, eps: float = SCHATTEN_EPS
-) -> Float[Tensor, " C"]:
-    """Per component, sum over weights and rank dims of (||A[:, m]||^2 ||B[m, :]||^2)^(p/2)."""
-    total = None
-    for comp in components.values():
-        a_sq = comp.A.square().sum(1)  # [C, m]
-        b_sq = comp.B.square().sum(2)  # [C, m]
-        per = (a_sq * b_sq + eps).pow(p / 2).sum(-1)
-        total = per if total is None else total + per
-    return total
-
-
-def simplicity_loss(
-    mask: Float[Tensor, "n C"], components: dict[str, ComponentWeight], p: float, n_params: int
-) -> Tensor:
-    """Schatten-p quasi-norm of the active components, divided by n_params and n data points."""
-    norms = component_schatten_norms(components, p)
-    n_points = mask.reshape(-1, mask.shape[-1]).shape[0]
-    active_counts = mask.reshape(-1, mask.shape[-1]).sum(0)
-    return (active_counts * norms).sum() / (n_params * n_points)

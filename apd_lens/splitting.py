@@ -55,6 +55,7 @@ class Split:
     target: int
     source_rate: float
     median_rate: float
+    """The reference rate of that round (the median live rate with ``split_reference="live"``)."""
 
 
 def reference_rate(rate: Float[Tensor, " C"], reference: str = "live") -> float:
@@ -289,12 +290,13 @@ class ComponentSplitter:
         self._counting = False
         try:
             for x in self.recent:
+                record = dec.target_pass(x, make_leaves=dec._needs_leaves())  # one pass: enters and attributions
+                attributions = dec.attributions(x, record=record)
                 if self.top_points:  # points where the component has the largest attribution
-                    attributions = dec.attributions(x).reshape(-1, dec.n_components)
-                    mask = torch.nn.functional.one_hot(attributions.argmax(-1), dec.n_components)
+                    flat = attributions.reshape(-1, dec.n_components)
+                    mask = torch.nn.functional.one_hot(flat.argmax(-1), dec.n_components)
                 else:  # points where the top-k mask keeps it
-                    mask = dec.topk_mask(x).reshape(-1, dec.n_components)
-                record = dec.target_pass(x, make_leaves=False)
+                    mask = dec.mask_from_attributions(attributions).reshape(-1, dec.n_components)
                 for name, (i, _) in reading.items():
                     enter = record.enters[(name, i)].detach()
                     for c in sources:

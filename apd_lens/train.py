@@ -209,7 +209,7 @@ def run_steps(
         if splitter is not None:
             for split in splitter.after_step(step, x):
                 logger.info(
-                    "step %d: split component %d (active on %.3g of points, median %.3g) into unused %d",
+                    "step %d: split component %d (active on %.3g of points, reference rate %.3g) into unused %d",
                     split.step,
                     split.source,
                     split.source_rate,
