@@ -48,6 +48,24 @@ def random_probes(output: Tensor, n_probes: int, generator: torch.Generator | No
     return (signs.to(output.dtype) * 2 - 1).to(output.device)
 
 
+ZERO_ROWS_WORTH_SKIPPING = 0.125
+"""Inner activations skip all-zero entering rows when at least this fraction of rows is zero."""
+
+
+def live_row_inner_acts(comp: ComponentWeight, enter: Float[Tensor, "n d"], transposed: bool) -> Float[Tensor, "n C m"]:
+    """Detached inner activations ``enter @ A_c``, computed only for rows of ``enter`` that are not all
+    zero: sparse-feature toy models feed many examples with no active feature (37% of a residual MLP
+    batch), whose rows are exactly zero, as are their inner activations."""
+    live = enter.any(-1)
+    n_live = int(live.sum())
+    if n_live > (1 - ZERO_ROWS_WORTH_SKIPPING) * enter.shape[0]:
+        return comp.inner_acts(enter, transposed, detach=True)
+    out = enter.new_zeros(enter.shape[0], comp.n_components, comp.rank)
+    if n_live:
+        out[live] = comp.inner_acts(enter[live], transposed, detach=True)
+    return out
+
+
 def gradient_attributions(
     record: PassRecord,
     plan: HookPlan,
@@ -76,23 +94,33 @@ def gradient_attributions(
     uses = {(s.name, i): u for s in plan.specs for i, u in enumerate(s.uses)}
     with torch.no_grad():
         inner_acts = {
-            key: components[key[0]].inner_acts(record.enters[key], uses[key].transposed, detach=True) for key in keys
+            key: live_row_inner_acts(components[key[0]], record.enters[key], uses[key].transposed) for key in keys
         }
 
     def per_example_term(key, grad: Tensor) -> Tensor:
-        """``g[k, n] . (enter[n] @ P_c)`` for a gradient that differs between examples, in chunks of
-        data points so the component outputs ``[chunk, C, d]`` stay small (cache-sized)."""
+        """``g[k, n] . (enter[n] @ P_c)`` as ``[n, C, k]``, for a gradient that differs between
+        examples, in chunks of data points so the component outputs ``[chunk, C, d]`` stay small
+        (cache-sized)."""
         comp, transposed = components[key[0]], uses[key].transposed
         acts = inner_acts[key]
         chunk = max(1, _CHUNK_ELEMENTS // (acts.shape[1] * grad.shape[-1]))
+        by_point = grad.permute(1, 2, 0)  # [n, d, k]
         if chunk >= acts.shape[0]:
-            return torch.einsum("knd,ncd->knc", grad, comp.outer(acts, transposed, detach=True))
-        term = grad.new_empty(grad.shape[0], acts.shape[0], acts.shape[1])
+            return torch.bmm(comp.outer(acts, transposed, detach=True), by_point)
+        term = grad.new_empty(acts.shape[0], acts.shape[1], grad.shape[0])
         for start in range(0, acts.shape[0], chunk):
             rows = slice(start, start + chunk)
-            outs = comp.outer(acts[rows], transposed, detach=True)
-            term[:, rows] = torch.einsum("knd,ncd->knc", grad[:, rows], outs)
+            torch.bmm(comp.outer(acts[rows], transposed, detach=True), by_point[rows], out=term[rows])
         return term
+
+    def shared_term(key, grad: Tensor) -> Tensor:
+        """The same as ``[n, C, k]``, for a gradient shared by all examples ``[k, positions, d]``:
+        projected once onto the inner activations, then one matmul per component."""
+        n_probe, n_positions, d = grad.shape
+        projected = components[key[0]].project_onto_inner(grad.reshape(-1, d), uses[key].transposed)
+        projected = projected.reshape(n_components, -1, n_probe, n_positions)  # [C, m, k, p]
+        acts = inner_acts[key].reshape(-1, n_positions, n_components, projected.shape[1])
+        return torch.einsum("bpcm,cmkp->bpck", acts, projected).reshape(-1, n_components, n_probe)
 
     probes = exact_probes(record.output) if n_probes is None else random_probes(record.output, n_probes, generator)
     chunk = probes.shape[0] if probe_chunk is None else probe_chunk
@@ -102,22 +130,18 @@ def gradient_attributions(
         part = probes[start : start + chunk]
         last = start + chunk >= probes.shape[0]
         grads = leave_gradients(part, retain_graph=not last)
-        inner = None  # [K, n_points, C]: sum over uses of g . (enter @ P_c)
+        inner = None  # [n_points, C, K]: sum over uses of g . (enter @ P_c), probes last
         for key, grad in zip(keys, grads, strict=True):
             if grad is None:
                 continue
             n_probe, n_examples, n_positions, d = grad.shape
             if shared_over_examples(grad):
-                shared = grad[:, 0].reshape(n_probe * n_positions, d)
-                projected = components[key[0]].project_onto_inner(shared, uses[key].transposed)
-                projected = projected.reshape(n_probe, n_positions, n_components, -1)
-                acts = inner_acts[key].reshape(n_examples, n_positions, n_components, -1)
-                term = torch.einsum("bpcm,kpcm->kbpc", acts, projected).reshape(n_probe, n_points, n_components)
+                term = shared_term(key, grad[:, 0])
             else:
                 term = per_example_term(key, grad.reshape(n_probe, n_points, d))
-            inner = term if inner is None else inner.add_(term)
+            inner = term if inner is None else inner.add_(term) if inner.is_contiguous() else term.add_(inner)
         if inner is not None:
-            total += torch.linalg.vector_norm(inner, dim=0).square()
+            total += torch.linalg.vecdot(inner, inner)  # over the probes (contiguous)
     return total if n_probes is None else total / n_probes
 
 
@@ -138,10 +162,12 @@ def jvp_attributions(
         )
     uses = {(s.name, i): u for s in plan.specs for i, u in enumerate(s.uses)}
     keys = plan.use_keys()
-    tangents = {
+    n_components = next(iter(components.values())).n_components
+    tangents = {  # [C, n, *leave feature dims], contiguous: vmap over a leading dim copies nothing
         k: components[k[0]]
         .outputs_by_component(record.enters[k], uses[k].transposed)
-        .reshape(-1, *record.leaves[k].shape)
+        .transpose(0, 1)
+        .reshape(n_components, *record.leaves[k].shape)
         for k in keys
     }
     with leave_perturbations(model, plan, keys) as perturbed:
@@ -151,7 +177,8 @@ def jvp_attributions(
             return torch.func.jvp(lambda deltas: perturbed(x, deltas), (zeros,), (tangent,))[1]
 
         out = torch.func.vmap(jvp_of)(tangents)  # [C, n, *output]
-    return out.reshape(out.shape[0], out.shape[1], -1).square().sum(-1).T
+    flat = out.reshape(out.shape[0], out.shape[1], -1)
+    return torch.linalg.vecdot(flat, flat).T
 
 
 def activation_attributions(

@@ -62,12 +62,28 @@ def brute_attributions(dec: Decomposition, x: torch.Tensor, source: str) -> torc
 
 
 @pytest.mark.parametrize("kind", ["tms", "mlp"])
-@pytest.mark.parametrize("source,backend", [("target", "vmap"), ("target", "batched"), ("components", "auto")])
-def test_gradient_attributions_match_per_output_loop(kind, source, backend):
+@pytest.mark.parametrize(
+    "source,backend", [("target", "vmap"), ("target", "batched"), ("target", "jvp"), ("components", "auto")]
+)
+@pytest.mark.parametrize("zero_rows", [False, True])
+def test_gradient_attributions_match_per_output_loop(kind, source, backend, zero_rows):
     dec, x = make(kind, source, attribution_backend=backend)
+    if zero_rows:  # examples with no active feature: their inner activations are skipped (all zero)
+        x[[0, 3, 4]] = 0
     got = dec.attributions(x)
     want = brute_attributions(dec, x, source)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-10)
+
+
+@pytest.mark.parametrize("width", [3, 20])  # one wide matmul below FLAT_MAX_WIDTH, a batched one above
+def test_per_component_matmul_equals_a_loop_over_components(width):
+    from apd_lens.components import FLAT_MAX_WIDTH, per_component_matmul
+
+    assert (width < FLAT_MAX_WIDTH) == (width == 3)
+    g = torch.Generator().manual_seed(0)
+    x, mats = torch.randn(9, 7, generator=g), torch.randn(5, 7, width, generator=g)
+    want = torch.stack([x @ mats[c] for c in range(5)], dim=1)
+    torch.testing.assert_close(per_component_matmul(x, mats), want, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("kind", ["tms", "mlp"])

@@ -6,8 +6,18 @@ from __future__ import annotations
 import pytest
 import torch
 
+import apd_lens.sparse_masked as sparse_masked
 from apd_lens.losses import _ParameterLosses
 from apd_lens.sparse_masked import sparse_masked_matmul
+
+
+@pytest.fixture(params=["padded", "per-component"])
+def layout(request, monkeypatch):
+    """Run a test with the kept pairs padded into batched matmuls, then with one matmul pair per component."""
+    padded = request.param == "padded"
+    monkeypatch.setattr(sparse_masked, "PADDED_MAX_WASTE", float("inf") if padded else 0.0)
+    monkeypatch.setattr(sparse_masked, "PADDED_FREE_WORK", float("inf") if padded else 0.0)
+    return request.param
 
 
 def _inputs(transposed: bool):
@@ -23,13 +33,13 @@ def _inputs(transposed: bool):
 
 
 @pytest.mark.parametrize("transposed", [False, True])
-def test_sparse_masked_matmul_gradcheck(transposed):
+def test_sparse_masked_matmul_gradcheck(transposed, layout):
     x, a, b, mask = _inputs(transposed)
     assert torch.autograd.gradcheck(lambda x, a, b: sparse_masked_matmul(x, a, b, mask, transposed), (x, a, b))
 
 
 @pytest.mark.parametrize("transposed", [False, True])
-def test_sparse_masked_matmul_equals_the_sum_over_components(transposed):
+def test_sparse_masked_matmul_equals_the_sum_over_components(transposed, layout):
     x, a, b, mask = _inputs(transposed)
     p = a @ b
     if transposed:
