@@ -32,12 +32,40 @@ _CHUNK_ELEMENTS = 2**21
 """Per-example component outputs are built at most about this many elements at a time."""
 
 
-def exact_probes(output: Tensor) -> Tensor:
+MAX_PROBE_GRADIENT_BYTES = 8 * 2**30
+"""Attributions refuse to take back more than this many bytes of leave gradients at once (all uses, one
+probe chunk): an exact attribution of a language model has one probe per (position, vocab entry)."""
+
+
+def exact_probes(output: Tensor, start: int = 0, stop: int | None = None) -> Tensor:
     """One-hot probes over all output dims but the first (which indexes independent examples):
-    ``[K, 1, *output.shape[1:]]``, the same for every example."""
+    ``[K, 1, *output.shape[1:]]``, the same for every example; rows ``start:stop`` of them."""
     n_out = math.prod(output.shape[1:])
-    eye = torch.eye(n_out, dtype=output.dtype, device=output.device)
-    return eye.reshape(n_out, 1, *output.shape[1:])
+    stop = n_out if stop is None else min(stop, n_out)
+    probes = torch.zeros(stop - start, n_out, dtype=output.dtype, device=output.device)
+    probes[torch.arange(stop - start), torch.arange(start, stop)] = 1
+    return probes.reshape(stop - start, 1, *output.shape[1:])
+
+
+def check_probe_memory(record: PassRecord, n_probes: int, chunk: int, exact: bool) -> None:
+    """Refuse (with what to set instead) a probe chunk whose leave gradients would not fit in memory."""
+    per_probe = sum(t.numel() * t.element_size() for t in record.leaves.values())
+    need = min(chunk, n_probes) * per_probe
+    if need <= MAX_PROBE_GRADIENT_BYTES:
+        return
+    what = (
+        f"exact attributions take one output probe per output dim ({n_probes} for output shape "
+        f"{tuple(record.output.shape[1:])} per example)"
+        if exact
+        else f"{n_probes} random probes"
+    )
+    raise ValueError(
+        f"{what}; their gradients at the leaving activations, {min(chunk, n_probes)} probes at once, would take "
+        f"{need / 2**30:.3g} GiB (limit apd_lens.attributions.MAX_PROBE_GRADIENT_BYTES = "
+        f"{MAX_PROBE_GRADIENT_BYTES / 2**30:.3g} GiB). Set attribution_probes=k for an unbiased estimate from k "
+        "random probes (relative error about 1/sqrt(k)), or attribution_chunk to take the probes in chunks "
+        f"(at most {max(1, MAX_PROBE_GRADIENT_BYTES // per_probe)} per chunk here; slower)"
+    )
 
 
 def random_probes(output: Tensor, n_probes: int, generator: torch.Generator | None = None) -> Tensor:
@@ -122,13 +150,15 @@ def gradient_attributions(
         acts = inner_acts[key].reshape(-1, n_positions, n_components, projected.shape[1])
         return torch.einsum("bpcm,cmkp->bpck", acts, projected).reshape(-1, n_components, n_probe)
 
-    probes = exact_probes(record.output) if n_probes is None else random_probes(record.output, n_probes, generator)
-    chunk = probes.shape[0] if probe_chunk is None else probe_chunk
+    n_total = math.prod(record.output.shape[1:]) if n_probes is None else n_probes
+    chunk = n_total if probe_chunk is None else probe_chunk
+    check_probe_memory(record, n_total, chunk, exact=n_probes is None)
+    drawn = None if n_probes is None else random_probes(record.output, n_probes, generator)
     n_points, n_components = next(iter(inner_acts.values())).shape[:2]
     total = torch.zeros(n_points, n_components, dtype=record.output.dtype, device=record.output.device)
-    for start in range(0, probes.shape[0], chunk):
-        part = probes[start : start + chunk]
-        last = start + chunk >= probes.shape[0]
+    for start in range(0, n_total, chunk):
+        part = exact_probes(record.output, start, start + chunk) if drawn is None else drawn[start : start + chunk]
+        last = start + chunk >= n_total
         grads = leave_gradients(part, retain_graph=not last)
         inner = None  # [n_points, C, K]: sum over uses of g . (enter @ P_c), probes last
         for key, grad in zip(keys, grads, strict=True):

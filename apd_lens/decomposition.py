@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import warnings
 from collections.abc import Iterable
 from pathlib import Path
@@ -12,7 +13,12 @@ from jaxtyping import Bool, Float
 from torch import Tensor, nn
 
 from apd_lens._compat import HookedRootModule, HookPoint
-from apd_lens.attributions import activation_attributions, gradient_attributions, jvp_attributions
+from apd_lens.attributions import (
+    activation_attributions,
+    check_probe_memory,
+    gradient_attributions,
+    jvp_attributions,
+)
 from apd_lens.components import ComponentWeight
 from apd_lens.config import APDConfig
 from apd_lens.distributed import global_batch_topk_mask
@@ -216,6 +222,8 @@ class Decomposition(HookedRootModule):
         if cfg.attribution_backend == "jvp" and x is not None:
             return jvp_attributions(self.model, x, record, self.plan, self._components)
         probes = (cfg.attribution_probes, cfg.attribution_chunk, generator)
+        n_probes = cfg.attribution_probes or math.prod(record.output.shape[1:])
+        check_probe_memory(record, n_probes, cfg.attribution_chunk or n_probes, cfg.attribution_probes is None)
         if x is not None and self.uses_vmap():
             state = None if generator is None else generator.get_state()
             grads = vmap_leave_gradients(self.model, x, self.plan, record, self.plan.use_keys())

@@ -66,3 +66,24 @@ def test_weight_pattern_matching_nothing():
 def test_model_without_declared_weights():
     with pytest.raises(TypeError, match="does not know which weights"):
         apd_lens.decompose(torch.nn.Linear(3, 3), torch.rand(8, 3), small())
+
+
+def test_exact_attributions_too_large_for_memory_say_what_to_set(monkeypatch):
+    """An exact attribution takes one probe per output dim; when their gradients cannot fit, the error
+    names probes and chunks (before any work), and a chunk that fits gives the unchunked result."""
+    import apd_lens.attributions as attributions
+    from apd_lens.decomposition import Decomposition
+
+    model = TMS(5, 2)
+    x = torch.rand(16, 5)
+    dec = Decomposition(model, model.apd_weight_specs(), small(batch_size=16, attribution_backend="batched"))
+    want = dec.attributions(x)
+    # gradients per probe: leaves [16, 2] and [16, 5] in float32 = 448 bytes; 5 probes = 2240 bytes
+    monkeypatch.setattr(attributions, "MAX_PROBE_GRADIENT_BYTES", 1000)
+    with pytest.raises(ValueError) as err:
+        apd_lens.decompose(model, x, small(batch_size=16))
+    message = str(err.value)
+    assert "one output probe per output dim (5 for output shape (5,)" in message
+    assert "attribution_probes=k" in message and "at most 2 per chunk" in message
+    dec.config = dec.config.replace(attribution_chunk=2)
+    torch.testing.assert_close(dec.attributions(x), want, rtol=1e-6, atol=1e-9)
