@@ -20,7 +20,7 @@ from jaxtyping import Float
 from torch import Tensor, nn
 
 from apd_lens.components import ComponentWeight
-from apd_lens.hooked_forward import HookPlan, PassRecord
+from apd_lens.hooked_forward import HookPlan, PassRecord, UseKey
 from apd_lens.leave_gradients import (
     LeaveGradients,
     batched_leave_gradients,
@@ -94,6 +94,26 @@ def live_row_inner_acts(comp: ComponentWeight, enter: Float[Tensor, "n d"], tran
     return out
 
 
+class FeedsMismatch(RuntimeError):
+    """A declared :attr:`apd_lens.spec.WeightUse.feeds` does not describe the model."""
+
+
+def check_fed_gradient(key, direct, shared: Tensor, examples: Tensor | None, grad: Tensor) -> None:
+    """Raise unless the part of a feeding use's gradient ``grad [k, examples, p, d]`` that does not pass
+    through the fed weights is the same for every example (checked on ``examples``; None: all)."""
+    n_examples = grad.shape[1]
+    examples = torch.arange(n_examples, device=grad.device) if examples is None else examples[examples < n_examples]
+    got = direct(examples)
+    scale = grad[:, examples].abs().max().clamp_min(torch.finfo(grad.dtype).tiny)
+    error = (got - shared[:, None]).abs().max()  # got [k, e, p, d], shared [k, p, d]
+    if error > 1000 * torch.finfo(grad.dtype).eps * scale:
+        raise FeedsMismatch(
+            f"weight use {key}: declared feeds, but the part of its gradient outside the fed weights differs "
+            f"between examples (by {float(error / scale):.2g} of the gradient's scale): some path from its "
+            "leaving activation to the output is nonlinear, normalized or not declared; fix WeightUse.feeds"
+        )
+
+
 def gradient_attributions(
     record: PassRecord,
     plan: HookPlan,
@@ -102,6 +122,8 @@ def gradient_attributions(
     probe_chunk: int | None = None,
     generator: torch.Generator | None = None,
     leave_gradients: LeaveGradients | None = None,
+    fed_weights: dict[UseKey, list[tuple[UseKey, Tensor]]] | None = None,
+    fed_check: Tensor | None = None,
 ) -> Float[Tensor, "n_points C"]:
     """Gradient attributions of every component on every data point of a recorded pass.
 
@@ -115,8 +137,15 @@ def gradient_attributions(
     activations) is computed per data point, or, when the gradient is the same for every example,
     as ``z_c . (g @ outer_c^T)`` with the projection done once per position: equal, and cheaper
     when ``d_out`` is large.
+
+    ``fed_weights`` (see :attr:`apd_lens.spec.WeightUse.feeds`): per use, the later uses that its leaving
+    activation feeds unchanged and their target matrices ``[d, d']``. Such a use's per-example gradient
+    is ``s + sum' g' @ W'^T`` with ``s`` the same for every example, and ``g . (z_c @ outer_c)`` is taken
+    as ``s`` through the shared path plus ``g' . (z_c @ (outer_c @ W'))`` at the narrower width ``d'``
+    (checked on the examples ``fed_check``, None: all; a mismatch raises :class:`FeedsMismatch`).
     """
     keys = plan.use_keys()
+    fed_weights = fed_weights or {}
     if leave_gradients is None:
         leave_gradients = batched_leave_gradients(record, keys)
     uses = {(s.name, i): u for s in plan.specs for i, u in enumerate(s.uses)}
@@ -150,6 +179,23 @@ def gradient_attributions(
         acts = inner_acts[key].reshape(-1, n_positions, n_components, projected.shape[1])
         return torch.einsum("bpcm,cmkp->bpck", acts, projected).reshape(-1, n_components, n_probe)
 
+    def fed_term(key, grad: Tensor, grads: dict[UseKey, Tensor]) -> Tensor:
+        """The per-example term of a use that feeds later uses unchanged (``grad [k, examples, p, d]``)."""
+        fed = [(grads[k2], w) for k2, w in fed_weights[key]]  # [k, examples, p, d'], [d, d']
+
+        def direct(examples: Tensor) -> Tensor:  # s at every position of the given examples: [k, e, p, d]
+            return grad[:, examples] - sum(g2[:, examples] @ w.T for g2, w in fed)
+
+        shared = direct(torch.zeros(1, dtype=torch.long, device=grad.device))[:, 0]  # [k, p, d]
+        check_fed_gradient(key, direct, shared, fed_check, grad)
+        term = shared_term(key, shared)
+        acts = inner_acts[key]
+        for g2, w in fed:
+            through = components[key[0]].project_onto_inner(w.T, uses[key].transposed)  # [C, m, d']
+            outs = torch.einsum("ncm,cmj->ncj", acts, through)
+            term = term + torch.bmm(outs, g2.reshape(g2.shape[0], n_points, -1).permute(1, 2, 0))
+        return term
+
     n_total = math.prod(record.output.shape[1:]) if n_probes is None else n_probes
     chunk = n_total if probe_chunk is None else probe_chunk
     check_probe_memory(record, n_total, chunk, exact=n_probes is None)
@@ -161,12 +207,15 @@ def gradient_attributions(
         last = start + chunk >= n_total
         grads = leave_gradients(part, retain_graph=not last)
         inner = None  # [n_points, C, K]: sum over uses of g . (enter @ P_c), probes last
-        for key, grad in zip(keys, grads, strict=True):
+        by_key = dict(zip(keys, grads, strict=True))
+        for key, grad in by_key.items():
             if grad is None:
                 continue
             n_probe, n_examples, n_positions, d = grad.shape
             if shared_over_examples(grad):
                 term = shared_term(key, grad[:, 0])
+            elif key in fed_weights and all(by_key[k2] is not None for k2, _ in fed_weights[key]):
+                term = fed_term(key, grad, by_key)
             else:
                 term = per_example_term(key, grad.reshape(n_probe, n_points, d))
             inner = term if inner is None else inner.add_(term) if inner.is_contiguous() else term.add_(inner)

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from apd_lens._compat import HookedRootModule, HookPoint
 from apd_lens.attributions import (
+    FeedsMismatch,
     activation_attributions,
     check_probe_memory,
     gradient_attributions,
@@ -27,6 +28,9 @@ from apd_lens.leave_gradients import vmap_leave_gradients
 from apd_lens.losses import activation_recon_loss, output_loss, parameter_losses
 from apd_lens.masks import batch_topk_mask, per_example_topk_mask
 from apd_lens.spec import WeightSpec, get_parameter, validate_specs
+
+FEED_CHECK_EXAMPLES = 8
+"""After the first batch (all examples), declared ``feeds`` are checked on this many examples per batch."""
 
 
 class Decomposition(HookedRootModule):
@@ -60,6 +64,8 @@ class Decomposition(HookedRootModule):
             self._components[spec.name] = comp
         names = [s.name for s in self.specs] + [u.bias for s in self.specs for u in s.uses if u.bias]
         self._target_snapshot = {n: get_parameter(model, n).detach().clone() for n in dict.fromkeys(names)}
+        self._fed_weights = self._feeds(model)
+        self._fed_checks = 0
         self.hook_attributions = HookPoint()
         self.hook_mask = HookPoint()
         self.loss_history: list[dict[str, float]] = []
@@ -83,6 +89,28 @@ class Decomposition(HookedRootModule):
             self.mod_dict[name] = module
             if isinstance(module, HookPoint):
                 self.hook_dict[name] = module
+
+    def _feeds(self, model: nn.Module) -> dict:
+        """Per use that declares ``feeds``: the fed uses and their target matrices ``[d, d']``."""
+        specs = {s.name: s for s in self.specs}
+        out = {}
+        for spec in self.specs:
+            for i, use in enumerate(spec.uses):
+                if not use.feeds:
+                    continue
+                width = self._components[spec.name].d_in if use.transposed else self._components[spec.name].d_out
+                fed = []
+                for name in use.feeds:
+                    matrix = specs[name].to_matrix(get_parameter(model, name)).detach()
+                    matrix = matrix.T if specs[name].uses[0].transposed else matrix
+                    if matrix.shape[0] != width:
+                        raise ValueError(
+                            f"weight {spec.name!r} feeds {name!r}, but its leaving width {width} is not "
+                            f"{name!r}'s entering width {matrix.shape[0]}"
+                        )
+                    fed.append(((name, 0), matrix))
+                out[(spec.name, i)] = fed
+        return out
 
     def _attach(self, dotted: str, comp: ComponentWeight) -> None:
         """Register ``comp`` at the module path ``dotted`` so its hooks are named after the weight."""
@@ -222,6 +250,8 @@ class Decomposition(HookedRootModule):
         if cfg.attribution_backend == "jvp" and x is not None:
             return jvp_attributions(self.model, x, record, self.plan, self._components)
         probes = (cfg.attribution_probes, cfg.attribution_chunk, generator)
+        fed = self._fed_weights if cfg.attribution_source == "target" else None
+        fed_check = self._next_fed_check(record) if fed else None
         n_probes = cfg.attribution_probes or math.prod(record.output.shape[1:])
         check_probe_memory(record, n_probes, cfg.attribution_chunk or n_probes, cfg.attribution_probes is None)
         if x is not None and self.uses_vmap():
@@ -229,7 +259,17 @@ class Decomposition(HookedRootModule):
             grads = vmap_leave_gradients(self.model, x, self.plan, record, self.plan.use_keys())
             try:
                 with torch.enable_grad():
-                    return gradient_attributions(record, self.plan, self._components, *probes, leave_gradients=grads)
+                    return gradient_attributions(
+                        record,
+                        self.plan,
+                        self._components,
+                        *probes,
+                        leave_gradients=grads,
+                        fed_weights=fed,
+                        fed_check=fed_check,
+                    )
+            except FeedsMismatch:
+                raise
             except Exception as err:  # noqa: BLE001 -- any functorch failure: fall back, loudly
                 self._vmap_failed(err)
             if generator is not None:
@@ -237,7 +277,18 @@ class Decomposition(HookedRootModule):
             if not any(t.requires_grad for t in record.leaves.values()):
                 with torch.enable_grad():
                     record = self._forward(x, make_leaves=True)
-        return gradient_attributions(record, self.plan, self._components, *probes)
+        return gradient_attributions(record, self.plan, self._components, *probes, fed_weights=fed, fed_check=fed_check)
+
+    def _next_fed_check(self, record: PassRecord) -> Tensor | None:
+        """Examples on which declared ``feeds`` are checked: all of them the first time, then
+        FEED_CHECK_EXAMPLES spread over the batch, shifted by one every call."""
+        calls = self._fed_checks
+        self._fed_checks += 1
+        if calls == 0:
+            return None
+        n_examples = record.batch_shape[0]
+        step = max(1, n_examples // FEED_CHECK_EXAMPLES)
+        return (torch.arange(0, n_examples, step)[:FEED_CHECK_EXAMPLES] + calls) % n_examples
 
     def _vmap_failed(self, err: Exception) -> None:
         if self.config.attribution_backend == "vmap":

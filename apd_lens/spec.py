@@ -31,6 +31,16 @@ class WeightUse:
     """Whether this use multiplies by the transpose of the weight matrix (tied weights)."""
     bias: str | None = None
     """Name of the frozen bias parameter added before the leaving hook, if any."""
+    feeds: tuple[str, ...] = ()
+    """Optional, for speed: names of later (single-use) decomposed weights whose entering activation
+    receives this use's leaving activation added unchanged, e.g. an MLP output added to a residual
+    stream that later MLPs read, given that every other path from this leaving activation to the
+    output is linear and the same for every example (no nonlinearity, no normalization). Exact
+    attributions then contract this use's per-example gradient through those weights' (narrower)
+    gradients instead of at its own width. Checked on every attribution: a wrong declaration raises."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "feeds", tuple(self.feeds))
 
 
 @dataclass(frozen=True)
@@ -110,7 +120,14 @@ def validate_specs(model: nn.Module, specs: list[WeightSpec]) -> None:
             "(call self.setup() at the end of __init__) or a TransformerBridge"
         )
     seen: set[str] = set()
+    single_use = {s.name for s in specs if len(s.uses) == 1}
     for spec in specs:
+        for use in spec.uses:
+            for fed in use.feeds:
+                if fed not in single_use:
+                    raise ValueError(
+                        f"Weight {spec.name!r}: feeds names {fed!r}, which is not a declared weight with one use"
+                    )
         if spec.name in seen:
             raise ValueError(f"Weight {spec.name!r} is declared twice")
         seen.add(spec.name)

@@ -1,6 +1,6 @@
 """Time one APD step and its parts: apd_lens vs the paper's per-output-loop attribution.
 
-    python benchmarks/step_benchmark.py [--cases tms-5-2,tms-40-10,resid-mlp-1,transformer-2l]
+    python benchmarks/step_benchmark.py [--cases tms-5-2,tms-40-10,resid-mlp-1,resid-mlp-2,transformer-2l]
                                         [--repeats 5] [--scaling]
 
 All variants run side by side in this one process on the same model, batch and components; they
@@ -75,10 +75,10 @@ def build_case(name: str, n_components: int | None = None, probes: int | None = 
         if name == "tms-40-10":
             config = config.replace(n_components=40)  # the reference code's C, as in the issue's timing
         x = TMSData(f, config.batch_size, seed=1).sample()
-    elif name == "resid-mlp-1":
+    elif name in ("resid-mlp-1", "resid-mlp-2"):
         from apd_lens.models.resid_mlp import ResidMLPData, ResidualMLP
 
-        model = ResidualMLP(n_layers=1)
+        model = ResidualMLP(n_layers=int(name[-1]))
         config = model.apd_default_config()
         x = ResidMLPData(100, config.batch_size, seed=1).sample()
     elif name.startswith("transformer-2l"):
@@ -204,7 +204,7 @@ def in_subprocess(*args) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cases", default="tms-5-2,tms-40-10,resid-mlp-1,transformer-2l")
+    parser.add_argument("--cases", default="tms-5-2,tms-40-10,resid-mlp-1,resid-mlp-2,transformer-2l")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--scaling", action="store_true")
     parser.add_argument("--json", default=None, help="also write the results to this file")

@@ -318,3 +318,77 @@ def test_shortened_recovery_two_layers():
     assert s["dedicated"] >= 10, report.describe()  # measured 12/20
     assert s["antiscrubbed_mse"] >= 2 * s["scrubbed_mse"], report.describe()  # measured 2.7x
     assert s["topk_mse"] <= 0.2 * s["antiscrubbed_mse"], report.describe()  # measured 0.12x
+
+
+def _without_feeds(specs):
+    import dataclasses
+
+    from apd_lens import WeightSpec
+
+    return [WeightSpec(s.name, tuple(dataclasses.replace(u, feeds=()) for u in s.uses)) for s in specs]
+
+
+@pytest.mark.parametrize("n_layers", [2, 3])
+@pytest.mark.parametrize("backend", ["vmap", "batched"])
+def test_declared_feeds_give_the_per_output_loop_attributions(n_layers, backend, monkeypatch):
+    """W_out of layer L declares that it feeds every later W_in: attributions contract its gradient
+    through them; equal to the brute-force loop and to the same specs without feeds."""
+    import apd_lens.attributions as attributions
+
+    checked = []
+    check = attributions.check_fed_gradient
+    monkeypatch.setattr(attributions, "check_fed_gradient", lambda key, *a: checked.append(key) or check(key, *a))
+    model = small_model(n_layers, bias=True)
+    specs = model.apd_weight_specs()
+    assert specs[1].uses[0].feeds == tuple(f"blocks.{L}.mlp.W_in" for L in range(1, n_layers))
+    config = model.apd_default_config().replace(n_components=5, rank=2, topk=1.5, attribution_backend=backend)
+    dec = Decomposition(model, specs, config)
+    plain = Decomposition(model, _without_feeds(specs), config)
+    plain.load_state_dict(dec.state_dict())
+    x = ResidMLPData(6, 9, p=0.4, seed=3).sample().double()
+    want = brute_attributions(dec, x)
+    for _ in range(2):  # the first call checks the declaration on every example, later ones on a few
+        torch.testing.assert_close(dec.attributions(x), want)
+    assert checked.count(("blocks.0.mlp.W_out", 0)) == 2  # the contracted path ran
+    torch.testing.assert_close(plain.attributions(x), want)
+    assert checked.count(("blocks.0.mlp.W_out", 0)) == 2
+
+
+@pytest.mark.parametrize("backend", ["vmap", "batched"])
+def test_a_wrong_feeds_declaration_raises(backend):
+    """Layer 0's W_out also reaches layer 2's W_in: declaring only layer 1's leaves a per-example path
+    outside the declared ones, which must raise (not fall back, not give other numbers)."""
+    import dataclasses
+
+    from apd_lens import WeightSpec
+    from apd_lens.attributions import FeedsMismatch
+
+    model = small_model(3, bias=True)
+    specs = [
+        WeightSpec(s.name, tuple(dataclasses.replace(u, feeds=u.feeds[:1]) for u in s.uses))
+        for s in model.apd_weight_specs()
+    ]
+    config = model.apd_default_config().replace(n_components=5, rank=2, topk=1.5, attribution_backend=backend)
+    dec = Decomposition(model, specs, config)
+    with pytest.raises(FeedsMismatch, match="blocks.0.mlp.W_out"):
+        dec.attributions(ResidMLPData(6, 9, p=0.4, seed=3).sample().double())
+    assert dec.vmap_failure is None
+
+
+def test_feeds_must_name_a_single_use_weight_of_matching_width():
+    import dataclasses
+
+    from apd_lens import WeightSpec
+
+    model = small_model(2)
+    specs = model.apd_weight_specs()
+    config = model.apd_default_config().replace(n_components=5, rank=2, topk=1.5)
+    wrong_name = [WeightSpec(specs[0].name, (dataclasses.replace(specs[0].uses[0], feeds=("W_nope",)),))] + specs[1:]
+    with pytest.raises(ValueError, match="feeds names 'W_nope'"):
+        Decomposition(model, wrong_name, config)
+    # W_in of layer 0 leaves at the 4 MLP neurons; layer 1's W_in enters at the 12-dim residual stream
+    wrong_width = [
+        WeightSpec(specs[0].name, (dataclasses.replace(specs[0].uses[0], feeds=("blocks.1.mlp.W_in",)),))
+    ] + specs[1:]
+    with pytest.raises(ValueError, match="leaving width 4"):
+        Decomposition(model, wrong_width, config)

@@ -129,10 +129,16 @@ class ResidualMLP(HookedRootModule):
                     (WeightUse(f"blocks.{L}.hook_resid_pre", f"blocks.{L}.mlp.hook_pre", bias=b_in),),
                 )
             )
+            # the MLP output is added to the residual stream, which every later W_in reads and W_U reads out
+            later_inputs = tuple(f"blocks.{later}.mlp.W_in" for later in range(L + 1, self.n_layers))
             specs.append(
                 WeightSpec(
                     f"blocks.{L}.mlp.W_out",
-                    (WeightUse(f"blocks.{L}.mlp.hook_post", f"blocks.{L}.hook_mlp_out", bias=b_out),),
+                    (
+                        WeightUse(
+                            f"blocks.{L}.mlp.hook_post", f"blocks.{L}.hook_mlp_out", bias=b_out, feeds=later_inputs
+                        ),
+                    ),
                 )
             )
         return specs
