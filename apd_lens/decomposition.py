@@ -90,26 +90,39 @@ class Decomposition(HookedRootModule):
             if isinstance(module, HookPoint):
                 self.hook_dict[name] = module
 
-    def _feeds(self, model: nn.Module) -> dict:
-        """Per use that declares ``feeds``: the fed uses and their target matrices ``[d, d']``."""
+    def _feeds(self, model: nn.Module) -> dict[tuple[str, int], list[str]]:
+        """Per use that declares ``feeds``: the fed weights, checked to read the use's leaving width."""
         specs = {s.name: s for s in self.specs}
         out = {}
         for spec in self.specs:
             for i, use in enumerate(spec.uses):
                 if not use.feeds:
                     continue
-                width = self._components[spec.name].d_in if use.transposed else self._components[spec.name].d_out
-                fed = []
+                comp = self._components[spec.name]
+                width = comp.d_in if use.transposed else comp.d_out
                 for name in use.feeds:
-                    matrix = specs[name].to_matrix(get_parameter(model, name)).detach()
-                    matrix = matrix.T if specs[name].uses[0].transposed else matrix
-                    if matrix.shape[0] != width:
+                    fed = specs[name]
+                    matrix = fed.to_matrix(get_parameter(model, name))
+                    fed_width = matrix.shape[1] if fed.uses[0].transposed else matrix.shape[0]
+                    if fed_width != width:
                         raise ValueError(
                             f"weight {spec.name!r} feeds {name!r}, but its leaving width {width} is not "
-                            f"{name!r}'s entering width {matrix.shape[0]}"
+                            f"{name!r}'s entering width {fed_width}"
                         )
-                    fed.append(((name, 0), matrix))
-                out[(spec.name, i)] = fed
+                out[(spec.name, i)] = list(use.feeds)
+        return out
+
+    def _fed_matrices(self) -> dict:
+        """Per feeding use: ``[(fed use key, its target matrix [d, d'] as that use applies it)]``, read from
+        the model now (so they follow it across devices)."""
+        specs = {s.name: s for s in self.specs}
+        out = {}
+        for key, names in self._fed_weights.items():
+            fed = []
+            for name in names:
+                matrix = specs[name].to_matrix(get_parameter(self.model, name)).detach()
+                fed.append(((name, 0), matrix.T if specs[name].uses[0].transposed else matrix))
+            out[key] = fed
         return out
 
     def _attach(self, dotted: str, comp: ComponentWeight) -> None:
@@ -250,7 +263,7 @@ class Decomposition(HookedRootModule):
         if cfg.attribution_backend == "jvp" and x is not None:
             return jvp_attributions(self.model, x, record, self.plan, self._components)
         probes = (cfg.attribution_probes, cfg.attribution_chunk, generator)
-        fed = self._fed_weights if cfg.attribution_source == "target" else None
+        fed = self._fed_matrices() if cfg.attribution_source == "target" and self._fed_weights else None
         fed_check = self._next_fed_check(record) if fed else None
         n_probes = cfg.attribution_probes or math.prod(record.output.shape[1:])
         check_probe_memory(record, n_probes, cfg.attribution_chunk or n_probes, cfg.attribution_probes is None)
