@@ -64,7 +64,7 @@ class Decomposition(HookedRootModule):
             self._components[spec.name] = comp
         names = [s.name for s in self.specs] + [u.bias for s in self.specs for u in s.uses if u.bias]
         self._target_snapshot = {n: get_parameter(model, n).detach().clone() for n in dict.fromkeys(names)}
-        self._fed_weights = self._feeds(model)
+        self._feeds_of = self._feeds()
         self._fed_checks = 0
         self.hook_attributions = HookPoint()
         self.hook_mask = HookPoint()
@@ -90,9 +90,8 @@ class Decomposition(HookedRootModule):
             if isinstance(module, HookPoint):
                 self.hook_dict[name] = module
 
-    def _feeds(self, model: nn.Module) -> dict[tuple[str, int], list[str]]:
+    def _feeds(self) -> dict[tuple[str, int], list[str]]:
         """Per use that declares ``feeds``: the fed weights, checked to read the use's leaving width."""
-        specs = {s.name: s for s in self.specs}
         out = {}
         for spec in self.specs:
             for i, use in enumerate(spec.uses):
@@ -101,9 +100,7 @@ class Decomposition(HookedRootModule):
                 comp = self._components[spec.name]
                 width = comp.d_in if use.transposed else comp.d_out
                 for name in use.feeds:
-                    fed = specs[name]
-                    matrix = fed.to_matrix(get_parameter(model, name))
-                    fed_width = matrix.shape[1] if fed.uses[0].transposed else matrix.shape[0]
+                    fed_width = self._fed_matrix(name).shape[0]
                     if fed_width != width:
                         raise ValueError(
                             f"weight {spec.name!r} feeds {name!r}, but its leaving width {width} is not "
@@ -112,18 +109,12 @@ class Decomposition(HookedRootModule):
                 out[(spec.name, i)] = list(use.feeds)
         return out
 
-    def _fed_matrices(self) -> dict:
-        """Per feeding use: ``[(fed use key, its target matrix [d, d'] as that use applies it)]``, read from
-        the model now (so they follow it across devices)."""
-        specs = {s.name: s for s in self.specs}
-        out = {}
-        for key, names in self._fed_weights.items():
-            fed = []
-            for name in names:
-                matrix = specs[name].to_matrix(get_parameter(self.model, name)).detach()
-                fed.append(((name, 0), matrix.T if specs[name].uses[0].transposed else matrix))
-            out[key] = fed
-        return out
+    def _fed_matrix(self, name: str) -> Tensor:
+        """A fed (single-use) weight's target matrix ``[d, d']`` as its use applies it, read from the model
+        now (so it follows the model across devices)."""
+        spec = next(s for s in self.specs if s.name == name)
+        matrix = spec.to_matrix(get_parameter(self.model, name)).detach()
+        return matrix.T if spec.uses[0].transposed else matrix
 
     def _attach(self, dotted: str, comp: ComponentWeight) -> None:
         """Register ``comp`` at the module path ``dotted`` so its hooks are named after the weight."""
@@ -263,7 +254,9 @@ class Decomposition(HookedRootModule):
         if cfg.attribution_backend == "jvp" and x is not None:
             return jvp_attributions(self.model, x, record, self.plan, self._components)
         probes = (cfg.attribution_probes, cfg.attribution_chunk, generator)
-        fed = self._fed_matrices() if cfg.attribution_source == "target" and self._fed_weights else None
+        fed = None
+        if cfg.attribution_source == "target" and self._feeds_of:
+            fed = {key: [((n, 0), self._fed_matrix(n)) for n in names] for key, names in self._feeds_of.items()}
         fed_check = self._next_fed_check(record) if fed else None
         n_probes = cfg.attribution_probes or math.prod(record.output.shape[1:])
         check_probe_memory(record, n_probes, cfg.attribution_chunk or n_probes, cfg.attribution_probes is None)
