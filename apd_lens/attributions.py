@@ -47,6 +47,10 @@ def exact_probes(output: Tensor, start: int = 0, stop: int | None = None) -> Ten
     return probes.reshape(stop - start, 1, *output.shape[1:])
 
 
+class ProbeMemoryError(ValueError):
+    """Exact (or k-probe) attributions whose gradients would not fit in memory."""
+
+
 def check_probe_memory(record: PassRecord, n_probes: int, chunk: int, exact: bool) -> None:
     """Refuse (with what to set instead) a probe chunk whose leave gradients would not fit in memory."""
     per_probe = sum(t.numel() * t.element_size() for t in record.leaves.values())
@@ -59,7 +63,7 @@ def check_probe_memory(record: PassRecord, n_probes: int, chunk: int, exact: boo
         if exact
         else f"{n_probes} random probes"
     )
-    raise ValueError(
+    raise ProbeMemoryError(
         f"{what}; their gradients at the leaving activations, {min(chunk, n_probes)} probes at once, would take "
         f"{need / 2**30:.3g} GiB (limit apd_lens.attributions.MAX_PROBE_GRADIENT_BYTES = "
         f"{MAX_PROBE_GRADIENT_BYTES / 2**30:.3g} GiB). Set attribution_probes=k for an unbiased estimate from k "
@@ -144,6 +148,9 @@ def gradient_attributions(
     as ``s`` through the shared path plus ``g' . (z_c @ (outer_c @ W'))`` at the narrower width ``d'``
     (checked on the examples ``fed_check``, None: all; a mismatch raises :class:`FeedsMismatch`).
     """
+    n_total = math.prod(record.output.shape[1:]) if n_probes is None else n_probes
+    chunk = n_total if probe_chunk is None else probe_chunk
+    check_probe_memory(record, n_total, chunk, exact=n_probes is None)
     keys = plan.use_keys()
     fed_weights = fed_weights or {}
     if leave_gradients is None:
@@ -196,9 +203,6 @@ def gradient_attributions(
             term = term + torch.bmm(outs, g2.reshape(g2.shape[0], n_points, -1).permute(1, 2, 0))
         return term
 
-    n_total = math.prod(record.output.shape[1:]) if n_probes is None else n_probes
-    chunk = n_total if probe_chunk is None else probe_chunk
-    check_probe_memory(record, n_total, chunk, exact=n_probes is None)
     drawn = None if n_probes is None else random_probes(record.output, n_probes, generator)
     n_points, n_components = next(iter(inner_acts.values())).shape[:2]
     total = torch.zeros(n_points, n_components, dtype=record.output.dtype, device=record.output.device)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import math
 import warnings
 from collections.abc import Iterable
 from pathlib import Path
@@ -15,8 +14,8 @@ from torch import Tensor, nn
 from apd_lens._compat import HookedRootModule, HookPoint
 from apd_lens.attributions import (
     FeedsMismatch,
+    ProbeMemoryError,
     activation_attributions,
-    check_probe_memory,
     gradient_attributions,
     jvp_attributions,
 )
@@ -258,8 +257,6 @@ class Decomposition(HookedRootModule):
         if cfg.attribution_source == "target" and self._feeds_of:
             fed = {key: [((n, 0), self._fed_matrix(n)) for n in names] for key, names in self._feeds_of.items()}
         fed_check = self._next_fed_check(record) if fed else None
-        n_probes = cfg.attribution_probes or math.prod(record.output.shape[1:])
-        check_probe_memory(record, n_probes, cfg.attribution_chunk or n_probes, cfg.attribution_probes is None)
         if x is not None and self.uses_vmap():
             state = None if generator is None else generator.get_state()
             grads = vmap_leave_gradients(self.model, x, self.plan, record, self.plan.use_keys())
@@ -274,8 +271,8 @@ class Decomposition(HookedRootModule):
                         fed_weights=fed,
                         fed_check=fed_check,
                     )
-            except FeedsMismatch:
-                raise
+            except (FeedsMismatch, ProbeMemoryError):
+                raise  # the model's own errors, not vmap's: the fall-back would meet them again
             except Exception as err:  # noqa: BLE001 -- any functorch failure: fall back, loudly
                 self._vmap_failed(err)
             if generator is not None:
