@@ -253,10 +253,10 @@ def jvp_attributions(
         .reshape(n_components, *record.leaves[k].shape)
         for k in keys
     }
+    zeros = {k: torch.zeros_like(record.leaves[k]) for k in keys}  # made once, not once per vmapped call
     with leave_perturbations(model, plan, keys) as perturbed:
 
         def jvp_of(tangent):
-            zeros = {k: torch.zeros_like(record.leaves[k]) for k in keys}
             return torch.func.jvp(lambda deltas: perturbed(x, deltas), (zeros,), (tangent,))[1]
 
         out = torch.func.vmap(jvp_of)(tangents)  # [C, n, *output]

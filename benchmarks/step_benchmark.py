@@ -8,10 +8,12 @@ differ only in how attributions are computed: "ours" (the case's default attribu
 "batched" (one batched autograd backward, ``attribution_backend="batched"``) and the baseline, the
 paper's algorithm, one backward pass per output dimension in a Python loop, written plainly below.
 Prints milliseconds per part, the full step, the baseline/apd_lens ratio, and the peak resident memory
-of each case (each case runs in its own subprocess so peaks do not mix), and a floor: the matmul FLOPs
-of one apd_lens step (counted by ``torch.utils.flop_counter``) at the process's own rate on a large
-square matmul, i.e. the time no reordering of the same arithmetic could beat. ``--scaling`` adds step time
-vs output width (probe attributions) and vs C.
+of each case (each case runs in its own subprocess so peaks do not mix), and two floors computed from
+the matmul calls of one apd_lens step, recorded as dispatched: FLOOR, their FLOPs at the process's own rate
+on a large square matmul (the time no reordering of the same arithmetic could beat), and REPLAY, the
+same calls (shapes, strides) each run alone on fresh operands and timed, plus the measured update: the
+time the step's own matmuls take at their shapes on this machine, with no other work at all.
+``--scaling`` adds step time vs output width (probe attributions) and vs C.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import multiprocessing as mp
 import os
 import resource
@@ -26,7 +29,7 @@ import statistics
 import sys
 import time
 import types
-from collections import defaultdict
+from collections import Counter, defaultdict
 
 import torch
 
@@ -162,21 +165,87 @@ def measure_case(name: str, repeats: int, n_components: int | None, probes: int 
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     dec.config = config
     vars(dec).pop("attribution_values", None)  # back to apd_lens' own attributions
-    result["gflop_per_step"] = step_gflop(dec, x)
+    calls = step_matmul_calls(dec, x)
+    result["gflop_per_step"] = sum(map(matmul_flop, calls)) / 1e9
     result["matmul_gflops"] = matmul_rate()
+    result["replayed_matmul_ms"] = replayed_matmul_ms(calls)
     return result
 
 
-def step_gflop(dec: Decomposition, x) -> float:
-    """Floating-point operations (GFLOP) of one apd_lens step, counted per aten op (matmuls and
-    convolutions; elementwise work is not counted) by ``torch.utils.flop_counter``."""
-    from torch.utils.flop_counter import FlopCounterMode
+MATMUL_OPS = ("mm", "bmm", "addmm", "addbmm", "baddbmm", "mv", "addmv", "dot")
+
+
+def step_matmul_calls(dec: Decomposition, x) -> list[tuple]:
+    """The matmul calls (aten op, argument shapes, strides and dtypes, scalars) of one apd_lens step's
+    forward and backward, in order, as dispatched (after vmap and autograd have done their work)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    ops = {getattr(torch.ops.aten, name).default for name in MATMUL_OPS}
+
+    def describe(arg):
+        if isinstance(arg, torch.Tensor):
+            return ("tensor", tuple(arg.shape), tuple(arg.stride()), arg.dtype)
+        return arg
+
+    class Recorder(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.calls: list[tuple] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if func in ops:
+                self.calls.append((func, tuple(describe(a) for a in args), tuple(sorted(kwargs.items()))))
+            return func(*args, **kwargs)
 
     for param in dec.component_parameters():
         param.grad = None
-    with FlopCounterMode(display=False) as counter:
+    with Recorder() as recorder:
         dec.losses(x)["total"].backward()
-    return counter.get_total_flops() / 1e9
+    return recorder.calls
+
+
+def matmul_flop(call: tuple) -> int:
+    """Floating-point operations of one recorded matmul call: 2 per multiply-add (the added input of
+    addmm & co. not counted). ``torch.utils.flop_counter`` has no formula for ``addbmm``."""
+    func, args, _ = call
+    shapes = [a[1] for a in args if isinstance(a, tuple) and a and a[0] == "tensor"]
+    name = func.__name__.split(".")[0]
+    if name in ("addmm", "addbmm", "baddbmm", "addmv"):
+        shapes = shapes[1:]  # the added input
+    left, right = shapes
+    if name == "dot":
+        return 2 * left[0]
+    if name in ("mv", "addmv"):
+        return 2 * left[0] * left[1]
+    return 2 * math.prod(left) * right[-1]  # [*b, m, k] @ [*b, k, n]
+
+
+def replayed_matmul_ms(calls: list[tuple], repeats: int = 5) -> float:
+    """Milliseconds the given matmul calls take when each runs alone on fresh random operands of
+    the same shapes, strides and dtypes (median of ``repeats`` per distinct call, summed over calls):
+    the step's own matmuls at the rate this machine gets in their shapes, with nothing else."""
+
+    def operand(arg):
+        if not (isinstance(arg, tuple) and arg and arg[0] == "tensor"):
+            return arg
+        _, shape, stride, dtype = arg
+        if 0 in shape:
+            return torch.empty(shape, dtype=dtype)
+        storage = 1 + sum((n - 1) * st for n, st in zip(shape, stride, strict=True))
+        return torch.randn(storage, dtype=dtype).as_strided(shape, stride)
+
+    total = 0.0
+    for (func, args, kwargs), count in Counter(calls).items():
+        real = [operand(a) for a in args]
+        func(*real, **dict(kwargs))  # warm-up
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            func(*real, **dict(kwargs))
+            times.append(time.perf_counter() - start)
+        total += count * statistics.median(times)
+    return 1000 * total
 
 
 def matmul_rate(size: int = 2048, repeats: int = 5) -> float:
@@ -235,6 +304,12 @@ def main(argv: list[str] | None = None) -> None:
             f"{name:<16}FLOOR {res['gflop_per_step']:.3g} GFLOP per apd_lens step (matmuls); at this machine's "
             f"{res['matmul_gflops']:.0f} GFLOP/s matmul rate >= {floor_ms:.1f} ms; measured step = "
             f"{res['ours']['step'] / floor_ms:.1f}x that"
+        )
+        replay, update = res["replayed_matmul_ms"], res["ours"]["optimizer"]
+        print(
+            f"{name:<16}REPLAY the step's own matmul calls, each run alone at its shapes: {replay:.1f} ms; "
+            f"+ update {update:.1f} ms = {replay + update:.1f} ms; measured step = "
+            f"{res['ours']['step'] / (replay + update):.2f}x that"
         )
         sys.stdout.flush()
     if args.scaling:
