@@ -196,12 +196,20 @@ def gradient_attributions(
         shared = direct(torch.zeros(1, dtype=torch.long, device=grad.device))[:, 0]  # [k, p, d]
         check_fed_gradient(key, direct, shared, fed_check, grad)
         term = shared_term(key, shared)
-        acts = inner_acts[key]
-        for g2, w in fed:
-            through = components[key[0]].project_onto_inner(w.T, uses[key].transposed)  # [C, m, d']
-            outs = torch.einsum("ncm,cmj->ncj", acts, through)
-            term = term + torch.bmm(outs, g2.reshape(g2.shape[0], n_points, -1).permute(1, 2, 0))
+        for (k2, _), (g2, _) in zip(fed_weights[key], fed, strict=True):
+            term = term + torch.bmm(fed_outputs(key, k2), g2.reshape(g2.shape[0], n_points, -1).permute(1, 2, 0))
         return term
+
+    fed_output_cache: dict[tuple[UseKey, UseKey], Tensor] = {}
+
+    def fed_outputs(key, fed_key) -> Tensor:
+        """``z_c @ (outer_c @ W')`` ``[n, C, d']``: the components' outputs carried through one fed weight,
+        which no probe changes (made once, not once per probe chunk)."""
+        if (key, fed_key) not in fed_output_cache:
+            matrix = dict(fed_weights[key])[fed_key]
+            through = components[key[0]].project_onto_inner(matrix.T, uses[key].transposed)  # [C, m, d']
+            fed_output_cache[(key, fed_key)] = torch.einsum("ncm,cmj->ncj", inner_acts[key], through)
+        return fed_output_cache[(key, fed_key)]
 
     drawn = None if n_probes is None else random_probes(record.output, n_probes, generator)
     n_points, n_components = next(iter(inner_acts.values())).shape[:2]
@@ -222,7 +230,12 @@ def gradient_attributions(
                 term = fed_term(key, grad, by_key)
             else:
                 term = per_example_term(key, grad.reshape(n_probe, n_points, d))
-            inner = term if inner is None else inner.add_(term) if inner.is_contiguous() else term.add_(inner)
+            if inner is None:
+                inner = term
+            elif inner.is_contiguous():  # keep the sum contiguous for the vecdot over probes below
+                inner.add_(term)
+            else:
+                inner = term.add_(inner)
         if inner is not None:
             total += torch.linalg.vecdot(inner, inner)  # over the probes (contiguous)
     return total if n_probes is None else total / n_probes

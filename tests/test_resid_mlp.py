@@ -330,9 +330,11 @@ def _without_feeds(specs):
 
 @pytest.mark.parametrize("n_layers", [2, 3])
 @pytest.mark.parametrize("backend", ["vmap", "batched"])
-def test_declared_feeds_give_the_per_output_loop_attributions(n_layers, backend, monkeypatch):
+@pytest.mark.parametrize("chunk", [None, 2])  # 6 outputs: one probe chunk, or three
+def test_declared_feeds_give_the_per_output_loop_attributions(n_layers, backend, chunk, monkeypatch):
     """W_out of layer L declares that it feeds every later W_in: attributions contract its gradient
-    through them; equal to the brute-force loop and to the same specs without feeds."""
+    through them (checked once per probe chunk); equal to the brute-force loop and to the same specs
+    without feeds."""
     import apd_lens.attributions as attributions
 
     checked = []
@@ -341,7 +343,10 @@ def test_declared_feeds_give_the_per_output_loop_attributions(n_layers, backend,
     model = small_model(n_layers, bias=True)
     specs = model.apd_weight_specs()
     assert specs[1].uses[0].feeds == tuple(f"blocks.{L}.mlp.W_in" for L in range(1, n_layers))
-    config = model.apd_default_config().replace(n_components=5, rank=2, topk=1.5, attribution_backend=backend)
+    config = model.apd_default_config().replace(
+        n_components=5, rank=2, topk=1.5, attribution_backend=backend, attribution_chunk=chunk
+    )
+    n_chunks = 1 if chunk is None else 3
     dec = Decomposition(model, specs, config)
     plain = Decomposition(model, _without_feeds(specs), config)
     plain.load_state_dict(dec.state_dict())
@@ -349,9 +354,9 @@ def test_declared_feeds_give_the_per_output_loop_attributions(n_layers, backend,
     want = brute_attributions(dec, x)
     for _ in range(2):  # the first call checks the declaration on every example, later ones on a few
         torch.testing.assert_close(dec.attributions(x), want)
-    assert checked.count(("blocks.0.mlp.W_out", 0)) == 2  # the contracted path ran
+    assert checked.count(("blocks.0.mlp.W_out", 0)) == 2 * n_chunks  # the contracted path ran
     torch.testing.assert_close(plain.attributions(x), want)
-    assert checked.count(("blocks.0.mlp.W_out", 0)) == 2
+    assert checked.count(("blocks.0.mlp.W_out", 0)) == 2 * n_chunks
 
 
 @pytest.mark.parametrize("backend", ["vmap", "batched"])
