@@ -67,6 +67,9 @@ def per_output_loop_attributions(self: Decomposition, record: PassRecord, genera
 
 
 # ----------------------------------------------------------------------------- cases
+CASES = ("tms-5-2", "tms-40-10", "resid-mlp-1", "resid-mlp-2", "transformer-2l")
+
+
 def build_case(name: str, n_components: int | None = None, probes: int | None = None):
     """(model, config, batch) for a benchmark case; targets are untrained (timing only)."""
     if name.startswith("tms"):
@@ -205,12 +208,17 @@ def step_matmul_calls(dec: Decomposition, x) -> list[tuple]:
     return recorder.calls
 
 
+def op_name(call: tuple) -> str:
+    """The aten op of a recorded call without its overload: ``"mm"``, ``"addbmm"``, ..."""
+    return call[0].__name__.split(".")[0]
+
+
 def matmul_flop(call: tuple) -> int:
     """Floating-point operations of one recorded matmul call: 2 per multiply-add (the added input of
     addmm & co. not counted). ``torch.utils.flop_counter`` has no formula for ``addbmm``."""
-    func, args, _ = call
+    _, args, _ = call
     shapes = [a[1] for a in args if isinstance(a, tuple) and a and a[0] == "tensor"]
-    name = func.__name__.split(".")[0]
+    name = op_name(call)
     if name in ("addmm", "addbmm", "baddbmm", "addmv"):
         shapes = shapes[1:]  # the added input
     left, right = shapes
@@ -237,15 +245,31 @@ def replayed_matmul_ms(calls: list[tuple], repeats: int = 5) -> float:
 
     total = 0.0
     for (func, args, kwargs), count in Counter(calls).items():
-        real = [operand(a) for a in args]
-        func(*real, **dict(kwargs))  # warm-up
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            func(*real, **dict(kwargs))
-            times.append(time.perf_counter() - start)
-        total += count * statistics.median(times)
-    return 1000 * total
+        real, named = [operand(a) for a in args], dict(kwargs)
+        total += count * median_ms(lambda: func(*real, **named), repeats, warmup=1)  # noqa: B023 -- called here
+    return total
+
+
+def median_ms(fn, repeats: int, warmup: int = 3) -> float:
+    """Median wall time of ``fn()`` in milliseconds over ``repeats`` calls, after ``warmup`` calls."""
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times)
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
 
 
 def matmul_rate(size: int = 2048, repeats: int = 5) -> float:
@@ -273,12 +297,15 @@ def in_subprocess(*args) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cases", default="tms-5-2,tms-40-10,resid-mlp-1,resid-mlp-2,transformer-2l")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--cases", default=",".join(CASES))
+    parser.add_argument("--repeats", type=positive_int, default=5)
     parser.add_argument("--scaling", action="store_true")
     parser.add_argument("--json", default=None, help="also write the results to this file")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads per case (default: torch's)")
+    parser.add_argument("--threads", type=positive_int, default=None, help="torch threads per case (default: torch's)")
     args = parser.parse_args(argv)
+    unknown = [name for name in args.cases.split(",") if name not in CASES]
+    if unknown:  # before any case runs, not after the earlier ones
+        parser.error(f"unknown case(s) {', '.join(unknown)}; choose from {', '.join(CASES)}")
     if args.threads:
         os.environ["OMP_NUM_THREADS"] = str(args.threads)  # inherited by the spawned case processes
         torch.set_num_threads(args.threads)

@@ -14,10 +14,9 @@ could gain; apd_lens does not use it (it would bypass the hooks design for one m
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
+from step_benchmark import median_ms, positive_int  # this directory is on sys.path when run as a script
 
 from apd_lens.attributions import jvp_attributions
 from apd_lens.decomposition import Decomposition
@@ -40,21 +39,10 @@ def closed_form_attributions(x: torch.Tensor, model: TMS, a: torch.Tensor, b: to
     return torch.linalg.vecdot(tangent, tangent).T
 
 
-def median_ms(fn, repeats: int) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times)
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--threads", type=positive_int, default=None)
+    parser.add_argument("--repeats", type=positive_int, default=30)
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
