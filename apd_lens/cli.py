@@ -24,8 +24,8 @@ import torch
 from safetensors.torch import save as st_save
 from torch import nn
 
-from apd_lens.config import APDConfig
 from apd_lens.io import apd_lens_version, atomic_write_bytes, read_tensors
+from apd_lens.methods.apd.config import APDConfig
 
 TARGET_FILE = "target.json"
 TARGET_WEIGHTS = "model.safetensors"
@@ -136,7 +136,7 @@ def _parse_set(items: list[str]) -> dict[str, Any]:
 
 
 def _build_config(model: nn.Module, args: argparse.Namespace) -> APDConfig:
-    from apd_lens.train import default_config
+    from apd_lens.training.loop import default_config
 
     changes = _parse_set(args.set)
     for field in ("steps", "batch_size", "seed", "device"):
@@ -150,7 +150,7 @@ def _build_config(model: nn.Module, args: argparse.Namespace) -> APDConfig:
 
 
 def cmd_decompose(args: argparse.Namespace) -> int:
-    from apd_lens.train import decompose
+    from apd_lens.training.loop import decompose
 
     model, meta, kind = load_target(args.target)
     out: Path = args.out
@@ -186,7 +186,7 @@ def cmd_decompose(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from apd_lens.report import write_report
+    from apd_lens.analysis.report import write_report
 
     model, meta, kind = load_target(args.run_dir / "target")
     data = kind.data(model, args.eval_batch, args.seed)

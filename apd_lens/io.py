@@ -26,11 +26,11 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import Tensor, nn
 
-from apd_lens.config import APDConfig
-from apd_lens.spec import WeightSpec, get_parameter
+from apd_lens.engine.spec import WeightSpec, get_parameter
+from apd_lens.methods.apd.config import APDConfig
 
 if TYPE_CHECKING:
-    from apd_lens.decomposition import Decomposition
+    from apd_lens.methods.apd.decomposition import Decomposition
 
 logger = logging.getLogger(__name__)
 
@@ -146,7 +146,7 @@ def save_decomposition(decomposition: Decomposition, path: str | Path) -> Path:
         tensors[f"{name}.B"] = comp.B.detach().cpu().contiguous()
     for name, matrix in decomposition.target_matrices().items():
         tensors[f"target.{name}"] = matrix.cpu().contiguous()
-    meta = {"format": "apd_lens.components", "format_version": str(FORMAT_VERSION)}
+    meta = {"format": "apd_lens.methods.apd.components", "format_version": str(FORMAT_VERSION)}
     atomic_write_bytes(path / COMPONENTS_FILE, st_save(tensors, metadata=meta))
     cfg = {
         "format_version": FORMAT_VERSION,
@@ -200,7 +200,7 @@ def load_decomposition(path: str | Path, model: nn.Module, *, check_values: bool
     differently shaped parameters, missing hooks; with ``check_values`` also decomposed weights
     whose values differ from those the decomposition was made of).
     """
-    from apd_lens.decomposition import Decomposition
+    from apd_lens.methods.apd.decomposition import Decomposition
 
     path = Path(path)
     cfg = read_cfg(path)

@@ -34,10 +34,10 @@ from collections import Counter, defaultdict
 import torch
 
 from apd_lens import APDConfig
-from apd_lens.decomposition import Decomposition
-from apd_lens.hooked_forward import PassRecord
-from apd_lens.malloc_tuning import keep_freed_memory
-from apd_lens.train import apply_update, make_optimizer
+from apd_lens.engine.hooked_forward import PassRecord
+from apd_lens.methods.apd.decomposition import Decomposition
+from apd_lens.training.loop import apply_update, make_optimizer
+from apd_lens.training.malloc_tuning import keep_freed_memory
 
 PARTS = ("target_forward", "attribution", "masked_forward", "losses", "backward", "optimizer")
 
@@ -154,7 +154,7 @@ def measure_case(name: str, repeats: int, n_components: int | None, probes: int 
     keep_freed_memory()  # as decompose() does; baseline and ours share this process
     torch.manual_seed(0)
     model, config, x = build_case(name, n_components, probes)
-    from apd_lens.train import resolve_specs
+    from apd_lens.training.loop import resolve_specs
 
     dec = Decomposition(model, resolve_specs(model, None, config.weights), config)
     result = {"ours": time_steps(dec, x, repeats)}

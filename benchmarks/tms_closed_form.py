@@ -18,11 +18,11 @@ import argparse
 import torch
 from step_benchmark import median_ms, positive_int  # this directory is on sys.path when run as a script
 
-from apd_lens.attributions import jvp_attributions
-from apd_lens.decomposition import Decomposition
-from apd_lens.malloc_tuning import keep_freed_memory
+from apd_lens.methods.apd.attributions import jvp_attributions
+from apd_lens.methods.apd.decomposition import Decomposition
 from apd_lens.models.tms import TMS, TMSData
-from apd_lens.train import resolve_specs
+from apd_lens.training.loop import resolve_specs
+from apd_lens.training.malloc_tuning import keep_freed_memory
 
 
 def closed_form_attributions(x: torch.Tensor, model: TMS, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 
 import apd_lens
-from apd_lens.config import APDConfig
-from apd_lens.decomposition import Decomposition
+from apd_lens.methods.apd.config import APDConfig
+from apd_lens.methods.apd.decomposition import Decomposition
 from apd_lens.models.resid_mlp import ResidMLPData, ResidualMLP, train_resid_mlp
 
 
@@ -99,8 +99,8 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         decomposition, timings = train(args)
         save(decomposition, timings, args.out / f"{tag}.pt")
-    from apd_lens.resid_mlp_analysis import analyse_resid_mlp
-    from apd_lens.resid_mlp_plots import plot_resid_mlp_report
+    from apd_lens.analysis.resid_mlp import analyse_resid_mlp
+    from apd_lens.analysis.resid_mlp_plots import plot_resid_mlp_report
 
     start = time.perf_counter()
     report = analyse_resid_mlp(decomposition, n_per_feature=args.n_eval, seed=args.seed + 2000)

@@ -15,9 +15,9 @@ from pathlib import Path
 import torch
 
 import apd_lens
-from apd_lens.metrics import mmcs_ml2r
+from apd_lens.analysis.metrics import mmcs_ml2r
+from apd_lens.analysis.plotting import plot_tms_components
 from apd_lens.models.tms import TMS, TMSData, train_tms
-from apd_lens.plotting import plot_tms_components
 
 SETTINGS = {"5-2": (5, 2), "40-10": (40, 10)}
 

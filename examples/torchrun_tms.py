@@ -11,9 +11,9 @@ from __future__ import annotations
 import argparse
 
 import apd_lens
-from apd_lens import distributed
-from apd_lens.metrics import mmcs_ml2r
+from apd_lens.analysis.metrics import mmcs_ml2r
 from apd_lens.models.tms import TMS, TMSData, train_tms
+from apd_lens.training import distributed
 
 
 def main() -> None:

@@ -5,8 +5,9 @@ import sys
 import torch
 
 import apd_lens
-from apd_lens import APDConfig, distributed
+from apd_lens import APDConfig
 from apd_lens.models.tms import TMS
+from apd_lens.training import distributed
 
 
 def main(out_path: str) -> None:

@@ -71,8 +71,8 @@ def test_model_without_declared_weights():
 def test_exact_attributions_too_large_for_memory_say_what_to_set(monkeypatch):
     """An exact attribution takes one probe per output dim; when their gradients cannot fit, the error
     names probes and chunks (before any work), and a chunk that fits gives the unchunked result."""
-    import apd_lens.attributions as attributions
-    from apd_lens.decomposition import Decomposition
+    import apd_lens.methods.apd.attributions as attributions
+    from apd_lens.methods.apd.decomposition import Decomposition
 
     model = TMS(5, 2)
     x = torch.rand(16, 5)

@@ -9,9 +9,9 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from apd_lens.decomposition import Decomposition
+from apd_lens.methods.apd.decomposition import Decomposition
 from apd_lens.models.tms import TMS
-from apd_lens.train import resolve_specs
+from apd_lens.training.loop import resolve_specs
 
 
 @pytest.fixture(scope="module")

@@ -18,15 +18,15 @@ import torch
 from safetensors.torch import load_file
 
 import apd_lens
-from apd_lens.checkpoint import (
+from apd_lens.models.tms import TMS, TMSData
+from apd_lens.training.checkpoint import (
     CheckpointError,
     checkpoint_path,
     list_checkpoints,
     load_checkpoint,
     save_checkpoint,
 )
-from apd_lens.data import DataNotResumableError
-from apd_lens.models.tms import TMS, TMSData
+from apd_lens.training.data import DataNotResumableError
 
 
 def config(**kw):
@@ -178,7 +178,7 @@ def test_unresumable_data_is_refused_clearly(tmp_path, caplog):
     loader = torch.utils.data.DataLoader(
         torch.utils.data.TensorDataset(make_data("tensor")), batch_size=32, shuffle=True
     )
-    with caplog.at_level(logging.WARNING, logger="apd_lens.train"):
+    with caplog.at_level(logging.WARNING, logger="apd_lens.training.loop"):
         apd_lens.decompose(TMS(5, 2), loader, cfg, run_dir=tmp_path / "a", checkpoint_every=3)
     assert "cannot be resumed exactly" in caplog.text
     with pytest.raises(DataNotResumableError, match="DataLoader has no state_dict"):

@@ -10,8 +10,8 @@ import torch
 from torch.func import functional_call
 
 from apd_lens import APDConfig
-from apd_lens.decomposition import Decomposition
-from apd_lens.masks import batch_topk_mask, per_example_topk_mask
+from apd_lens.methods.apd.decomposition import Decomposition
+from apd_lens.methods.apd.masks import batch_topk_mask, per_example_topk_mask
 from apd_lens.models.tms import TMS
 from tests.toy_models import TwoLayerMLP, two_layer_specs
 
@@ -77,7 +77,7 @@ def test_gradient_attributions_match_per_output_loop(kind, source, backend, zero
 
 @pytest.mark.parametrize("width", [3, 20])  # one wide matmul below FLAT_MAX_WIDTH, a batched one above
 def test_per_component_matmul_equals_a_loop_over_components(width):
-    from apd_lens.components import FLAT_MAX_WIDTH, per_component_matmul
+    from apd_lens.methods.apd.components import FLAT_MAX_WIDTH, per_component_matmul
 
     assert (width < FLAT_MAX_WIDTH) == (width == 3)
     g = torch.Generator().manual_seed(0)
@@ -217,7 +217,7 @@ def test_losses_backpropagate_to_components_only():
 def test_sparse_and_dense_masked_forward_match_functional_call(kind, sparse):
     """Both the sparse (active pairs only) and the dense masked paths equal the brute force, values
     and gradients, on a mask with non-binary entries and empty rows."""
-    from apd_lens.hooked_forward import hooked_forward
+    from apd_lens.engine.hooked_forward import hooked_forward
 
     dec, x = make(kind)
     mask = (torch.rand(x.shape[0], dec.n_components) < 0.3).double() * torch.rand(x.shape[0], dec.n_components)
@@ -239,7 +239,7 @@ def test_sparse_and_dense_masked_forward_match_functional_call(kind, sparse):
 
 
 def test_normalize_A_divides_every_column_by_its_norm_over_d_in():
-    from apd_lens.components import ComponentWeight
+    from apd_lens.methods.apd.components import ComponentWeight
 
     comp = ComponentWeight(3, 5, 4, 2, generator=torch.Generator().manual_seed(0)).double()
     with torch.no_grad():

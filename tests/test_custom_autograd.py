@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-import apd_lens.sparse_masked as sparse_masked
-from apd_lens.losses import _ParameterLosses
-from apd_lens.sparse_masked import sparse_masked_matmul
+import apd_lens.methods.apd.sparse_masked as sparse_masked
+from apd_lens.methods.apd.losses import _ParameterLosses
+from apd_lens.methods.apd.sparse_masked import sparse_masked_matmul
 
 
 @pytest.fixture(params=["padded", "per-component"])

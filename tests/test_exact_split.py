@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from apd_lens import APDConfig
-from apd_lens.decomposition import Decomposition
+from apd_lens.methods.apd.decomposition import Decomposition
 from apd_lens.models.tms import TMS
 from tests.toy_models import TwoLayerMLP, two_layer_specs
 

@@ -10,8 +10,8 @@ from torch import nn
 
 from apd_lens import APDConfig, WeightSpec, WeightUse
 from apd_lens._compat import HookedRootModule, HookPoint
-from apd_lens.decomposition import Decomposition
-from apd_lens.leave_gradients import batched_leave_gradients, shared_over_examples, vmap_leave_gradients
+from apd_lens.methods.apd.decomposition import Decomposition
+from apd_lens.methods.apd.leave_gradients import batched_leave_gradients, shared_over_examples, vmap_leave_gradients
 
 
 class ResidualBlock(HookedRootModule):

@@ -8,8 +8,8 @@ from hypothesis import strategies as st
 from torch.func import functional_call
 
 from apd_lens import APDConfig
-from apd_lens.decomposition import Decomposition
-from apd_lens.masks import batch_topk_mask
+from apd_lens.methods.apd.decomposition import Decomposition
+from apd_lens.methods.apd.masks import batch_topk_mask
 from apd_lens.models.tms import TMS
 from tests.toy_models import TwoLayerMLP, two_layer_specs
 

@@ -7,9 +7,9 @@ import torch
 
 import apd_lens
 from apd_lens import APDConfig, WeightSpec, WeightUse
-from apd_lens.checkpoint import list_checkpoints, load_checkpoint
 from apd_lens.models.tms import TMS
-from apd_lens.train import check_gradients
+from apd_lens.training.checkpoint import list_checkpoints, load_checkpoint
+from apd_lens.training.loop import check_gradients
 from tests.toy_models import TwoLayerMLP, two_layer_specs
 
 

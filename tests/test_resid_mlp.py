@@ -7,9 +7,7 @@ import torch
 from torch.func import functional_call
 
 import apd_lens
-from apd_lens.decomposition import Decomposition
-from apd_lens.models.resid_mlp import ResidMLPData, ResidualMLP, resid_mlp_labels, train_resid_mlp
-from apd_lens.resid_mlp_analysis import (
+from apd_lens.analysis.resid_mlp import (
     analyse_resid_mlp,
     assign_features,
     exact_attributions,
@@ -19,7 +17,9 @@ from apd_lens.resid_mlp_analysis import (
     per_feature_mse,
     scrub_masks,
 )
-from apd_lens.resid_mlp_plots import plot_resid_mlp_report
+from apd_lens.analysis.resid_mlp_plots import plot_resid_mlp_report
+from apd_lens.methods.apd.decomposition import Decomposition
+from apd_lens.models.resid_mlp import ResidMLPData, ResidualMLP, resid_mlp_labels, train_resid_mlp
 
 
 def small_model(n_layers: int = 1, bias: bool = False, seed: int = 0) -> ResidualMLP:
@@ -335,7 +335,7 @@ def test_declared_feeds_give_the_per_output_loop_attributions(n_layers, backend,
     """W_out of layer L declares that it feeds every later W_in: attributions contract its gradient
     through them (checked once per probe chunk); equal to the brute-force loop and to the same specs
     without feeds."""
-    import apd_lens.attributions as attributions
+    import apd_lens.methods.apd.attributions as attributions
 
     checked = []
     check = attributions.check_fed_gradient
@@ -366,7 +366,7 @@ def test_a_wrong_feeds_declaration_raises(backend):
     import dataclasses
 
     from apd_lens import WeightSpec
-    from apd_lens.attributions import FeedsMismatch
+    from apd_lens.methods.apd.attributions import FeedsMismatch
 
     model = small_model(3, bias=True)
     specs = [

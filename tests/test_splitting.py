@@ -6,12 +6,12 @@ import pytest
 import torch
 
 import apd_lens
-from apd_lens import splitting
-from apd_lens.checkpoint import checkpoint_path
-from apd_lens.decomposition import Decomposition
+from apd_lens.methods.apd import splitting
+from apd_lens.methods.apd.decomposition import Decomposition
+from apd_lens.methods.apd.splitting import ComponentSplitter, choose_splits, split_component
 from apd_lens.models.resid_mlp import ResidualMLP
 from apd_lens.models.tms import TMS, TMSData
-from apd_lens.splitting import ComponentSplitter, choose_splits, split_component
+from apd_lens.training.checkpoint import checkpoint_path
 
 
 def test_choose_splits_pairs_the_busiest_with_unused_components():

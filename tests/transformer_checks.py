@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from apd_lens import APDConfig, Decomposition
-from apd_lens.spec import WeightSpec, get_parameter
+from apd_lens.engine.spec import WeightSpec, get_parameter
 
 
 def randomize_(model: nn.Module, scale: float = 0.3, seed: int = 0) -> nn.Module:

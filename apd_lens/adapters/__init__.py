@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from torch import nn
 
 from apd_lens.adapters.selection import WeightCatalog
-from apd_lens.spec import WeightSpec
+from apd_lens.engine.spec import WeightSpec
 
 
 def weight_catalog(model: nn.Module) -> WeightCatalog:

@@ -13,7 +13,7 @@ from __future__ import annotations
 from torch import nn
 
 from apd_lens.adapters.selection import WeightCatalog
-from apd_lens.spec import WeightSpec, WeightUse
+from apd_lens.engine.spec import WeightSpec, WeightUse
 
 _TL_NAMES = {
     "attn.q": "attn.W_Q",

@@ -10,7 +10,7 @@ from __future__ import annotations
 from torch import nn
 
 from apd_lens.adapters.selection import WeightCatalog
-from apd_lens.spec import WeightSpec, WeightUse
+from apd_lens.engine.spec import WeightSpec, WeightUse
 
 _HEADS_IN = "h d e -> d (h e)"  # W_Q/W_K/W_V [head, d_model, d_head]
 _HEADS_OUT = "h e d -> (h e) d"  # W_O [head, d_head, d_model]

@@ -11,7 +11,7 @@ import fnmatch
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from apd_lens.spec import WeightSpec
+from apd_lens.engine.spec import WeightSpec
 
 
 @dataclass

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from jaxtyping import Int
 from torch import Tensor
 
-from apd_lens.config import APDConfig
+from apd_lens.methods.apd.config import APDConfig
 from apd_lens.models.target_training import train_target
 
 

@@ -18,10 +18,10 @@ from jaxtyping import Float
 from torch import Tensor, nn
 
 from apd_lens._compat import HookedRootModule, HookPoint
-from apd_lens.config import APDConfig
+from apd_lens.engine.spec import WeightSpec, WeightUse
+from apd_lens.methods.apd.config import APDConfig
 from apd_lens.models.sparse_data import SparseFeatureData
 from apd_lens.models.target_training import train_target
-from apd_lens.spec import WeightSpec, WeightUse
 
 PAPER_N_COMPONENTS = {1: 130, 2: 200}
 """The paper's C per number of layers."""

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from apd_lens.schedule import lr_factor
+from apd_lens.training.schedule import lr_factor
 
 
 def train_target(

@@ -7,10 +7,10 @@ from jaxtyping import Float
 from torch import Tensor, nn
 
 from apd_lens._compat import HookedRootModule, HookPoint
-from apd_lens.config import APDConfig
+from apd_lens.engine.spec import WeightSpec, WeightUse
+from apd_lens.methods.apd.config import APDConfig
 from apd_lens.models.sparse_data import SparseFeatureData
 from apd_lens.models.target_training import train_target
-from apd_lens.spec import WeightSpec, WeightUse
 
 
 class TMS(HookedRootModule):
@@ -87,7 +87,7 @@ class TMS(HookedRootModule):
                 "lr_schedule": "cosine",
                 # forward mode: C tangents through two small matmuls beat n_features output probes
                 "attribution_backend": "jvp",
-                # not in the paper: split merged feature pairs into unused components (apd_lens.splitting)
+                # not in the paper: split merged feature pairs into unused components (apd_lens.methods.apd.splitting)
                 "split_every": 500,
                 "split_until": 0.3,
             }

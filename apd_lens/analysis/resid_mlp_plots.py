@@ -11,8 +11,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from torch import Tensor  # noqa: E402
 
-from apd_lens.decomposition import Decomposition  # noqa: E402
-from apd_lens.resid_mlp_analysis import ResidMLPReport  # noqa: E402
+from apd_lens.analysis.resid_mlp import ResidMLPReport  # noqa: E402
+from apd_lens.methods.apd.decomposition import Decomposition  # noqa: E402
 
 
 def _save(fig, path: str | Path) -> Path:

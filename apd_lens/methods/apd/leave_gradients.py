@@ -13,7 +13,7 @@ float rounding:
   un-batched: it is computed once, not once per example, and comes back as a stride-0 view
   (see :func:`shared_over_examples`). On a residual MLP this turns the costliest part of a step
   into a few small matmuls. It needs a forward that functorch can transform (no data-dependent
-  Python control flow, no ``.item()``); :class:`~apd_lens.decomposition.Decomposition` falls
+  Python control flow, no ``.item()``); :class:`~apd_lens.methods.apd.decomposition.Decomposition` falls
   back to ``batched`` with a warning when it is not.
 
 Both return, per use key, a tensor ``[K, n_examples, n_positions, d_leave]``: examples are the
@@ -32,7 +32,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 
-from apd_lens.hooked_forward import HookPlan, PassRecord, UseKey
+from apd_lens.engine.hooked_forward import HookPlan, PassRecord, UseKey
 
 LeaveGradients = Callable[[Tensor], list[Tensor | None]]
 """probes ``[K, 1, *output_shape[1:]]`` -> per use key, gradients ``[K, n_examples, n_positions, d]``."""

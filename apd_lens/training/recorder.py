@@ -9,11 +9,11 @@ from typing import Any
 
 import torch
 
-from apd_lens.checkpoint import checkpoint_path, prune_checkpoints, rng_state, save_checkpoint
-from apd_lens.data import BatchStream
-from apd_lens.decomposition import Decomposition
-from apd_lens.distributed import is_main_process
 from apd_lens.io import atomic_write_bytes, describe_target, save_decomposition
+from apd_lens.methods.apd.decomposition import Decomposition
+from apd_lens.training.checkpoint import checkpoint_path, prune_checkpoints, rng_state, save_checkpoint
+from apd_lens.training.data import BatchStream
+from apd_lens.training.distributed import is_main_process
 
 METRICS_FILE = "metrics.jsonl"
 

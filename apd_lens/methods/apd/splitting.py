@@ -35,7 +35,7 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
-from apd_lens import distributed
+from apd_lens.training import distributed
 
 logger = logging.getLogger(__name__)
 

@@ -15,8 +15,8 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from apd_lens.attributions import gradient_attributions
-from apd_lens.decomposition import Decomposition
+from apd_lens.methods.apd.attributions import gradient_attributions
+from apd_lens.methods.apd.decomposition import Decomposition
 from apd_lens.models.resid_mlp import ResidualMLP, resid_mlp_labels
 
 

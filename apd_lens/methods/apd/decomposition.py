@@ -12,21 +12,21 @@ from jaxtyping import Bool, Float
 from torch import Tensor, nn
 
 from apd_lens._compat import HookedRootModule, HookPoint
-from apd_lens.attributions import (
+from apd_lens.engine.hooked_forward import HookPlan, PassRecord, hooked_forward
+from apd_lens.engine.spec import WeightSpec, get_parameter, validate_specs
+from apd_lens.methods.apd.attributions import (
     FeedsMismatch,
     ProbeMemoryError,
     activation_attributions,
     gradient_attributions,
     jvp_attributions,
 )
-from apd_lens.components import ComponentWeight
-from apd_lens.config import APDConfig
-from apd_lens.distributed import global_batch_topk_mask
-from apd_lens.hooked_forward import HookPlan, PassRecord, hooked_forward
-from apd_lens.leave_gradients import vmap_leave_gradients
-from apd_lens.losses import activation_recon_loss, output_loss, parameter_losses
-from apd_lens.masks import batch_topk_mask, per_example_topk_mask
-from apd_lens.spec import WeightSpec, get_parameter, validate_specs
+from apd_lens.methods.apd.components import ComponentWeight
+from apd_lens.methods.apd.config import APDConfig
+from apd_lens.methods.apd.leave_gradients import vmap_leave_gradients
+from apd_lens.methods.apd.losses import activation_recon_loss, output_loss, parameter_losses
+from apd_lens.methods.apd.masks import batch_topk_mask, per_example_topk_mask
+from apd_lens.training.distributed import global_batch_topk_mask
 
 FEED_CHECK_EXAMPLES = 8
 """After the first batch (all examples), declared ``feeds`` are checked on this many examples per batch."""
@@ -69,7 +69,7 @@ class Decomposition(HookedRootModule):
         self.hook_mask = HookPoint()
         self.loss_history: list[dict[str, float]] = []
         self.split_history: list = []
-        """The component splits of training (:class:`apd_lens.splitting.Split`), if any."""
+        """The component splits of training (:class:`apd_lens.methods.apd.splitting.Split`), if any."""
         self.vmap_failure: str | None = None
         """Why the model's forward could not be vmapped (then attributions use batched backward)."""
         self.section_timer = None
@@ -224,7 +224,7 @@ class Decomposition(HookedRootModule):
 
     def uses_vmap(self) -> bool:
         """Whether target gradient attributions go through ``torch.func.vmap`` (see
-        :mod:`apd_lens.leave_gradients`)."""
+        :mod:`apd_lens.methods.apd.leave_gradients`)."""
         cfg = self.config
         return (
             cfg.attribution == "gradient"

@@ -17,7 +17,7 @@ from jaxtyping import Float
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
-from apd_lens.masks import batch_topk_mask
+from apd_lens.methods.apd.masks import batch_topk_mask
 
 
 def is_distributed() -> bool:

@@ -6,7 +6,7 @@ Gradient attribution (the paper's): for data point n and component c,
 
 with f the model output, u running over all uses of all decomposed weights. The gradients are
 vector-Jacobian products of the output with a batch of output probes, never a Python loop over
-outputs (see :mod:`apd_lens.leave_gradients` for the two ways they are taken): exact mode uses
+outputs (see :mod:`apd_lens.methods.apd.leave_gradients` for the two ways they are taken): exact mode uses
 the one-hot basis of the output dims (every dim but the first, which indexes independent
 examples), stochastic mode uses k Rademacher probes r, for which E[(r^T J a)^2] = ||J a||^2.
 """
@@ -19,9 +19,9 @@ import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 
-from apd_lens.components import ComponentWeight
-from apd_lens.hooked_forward import HookPlan, PassRecord, UseKey
-from apd_lens.leave_gradients import (
+from apd_lens.engine.hooked_forward import HookPlan, PassRecord, UseKey
+from apd_lens.methods.apd.components import ComponentWeight
+from apd_lens.methods.apd.leave_gradients import (
     LeaveGradients,
     batched_leave_gradients,
     leave_perturbations,
@@ -65,7 +65,7 @@ def check_probe_memory(record: PassRecord, n_probes: int, chunk: int, exact: boo
     )
     raise ProbeMemoryError(
         f"{what}; their gradients at the leaving activations, {min(chunk, n_probes)} probes at once, would take "
-        f"{need / 2**30:.3g} GiB (limit apd_lens.attributions.MAX_PROBE_GRADIENT_BYTES = "
+        f"{need / 2**30:.3g} GiB (limit apd_lens.methods.apd.attributions.MAX_PROBE_GRADIENT_BYTES = "
         f"{MAX_PROBE_GRADIENT_BYTES / 2**30:.3g} GiB). Set attribution_probes=k for an unbiased estimate from k "
         "random probes (relative error about 1/sqrt(k)), or attribution_chunk to take the probes in chunks "
         f"(at most {max(1, MAX_PROBE_GRADIENT_BYTES // per_probe)} per chunk here; slower)"
@@ -99,7 +99,7 @@ def live_row_inner_acts(comp: ComponentWeight, enter: Float[Tensor, "n d"], tran
 
 
 class FeedsMismatch(RuntimeError):
-    """A declared :attr:`apd_lens.spec.WeightUse.feeds` does not describe the model."""
+    """A declared :attr:`apd_lens.engine.spec.WeightUse.feeds` does not describe the model."""
 
 
 def check_fed_gradient(key, direct, shared: Tensor, examples: Tensor | None, grad: Tensor) -> None:
@@ -134,7 +134,7 @@ def gradient_attributions(
     ``n_probes=None`` computes them exactly; otherwise an unbiased estimate from that many
     random probes. ``probe_chunk`` bounds how many probes are taken back at once.
     ``leave_gradients`` computes the gradients of the probes at the leaving activations (see
-    :mod:`apd_lens.leave_gradients`); default: one batched backward of ``record`` (recorded
+    :mod:`apd_lens.methods.apd.leave_gradients`); default: one batched backward of ``record`` (recorded
     with ``make_leaves=True``).
 
     For each use, ``g . (z_c @ outer_c)`` with ``z_c = enter @ A_c`` (the rank-m inner
@@ -142,7 +142,7 @@ def gradient_attributions(
     as ``z_c . (g @ outer_c^T)`` with the projection done once per position: equal, and cheaper
     when ``d_out`` is large.
 
-    ``fed_weights`` (see :attr:`apd_lens.spec.WeightUse.feeds`): per use, the later uses that its leaving
+    ``fed_weights`` (see :attr:`apd_lens.engine.spec.WeightUse.feeds`): per use, the later uses that its leaving
     activation feeds unchanged and their target matrices ``[d, d']``. Such a use's per-example gradient
     is ``s + sum' g' @ W'^T`` with ``s`` the same for every example, and ``g . (z_c @ outer_c)`` is taken
     as ``s`` through the shared path plus ``g' . (z_c @ (outer_c @ W'))`` at the narrower width ``d'``

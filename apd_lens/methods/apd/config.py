@@ -54,7 +54,7 @@ class APDConfig:
     init_scale: float = 1.0
     split_every: int | None = None
     """Every this many steps, split each over-used component into an unused one (see
-    :mod:`apd_lens.splitting`; not in the paper); None: never."""
+    :mod:`apd_lens.methods.apd.splitting`; not in the paper); None: never."""
     split_ratio: float = 1.5
     """Over-used: active at least this many times as often as the reference rate."""
     split_until: float = 0.5

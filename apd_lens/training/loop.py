@@ -12,28 +12,28 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from apd_lens import distributed
-from apd_lens.checkpoint import (
-    CheckpointError,
-    list_checkpoints,
-    load_checkpoint,
-    resolve_resume,
-    set_rng_state,
-)
-from apd_lens.config import APDConfig
-from apd_lens.data import BatchStream, iterate_batches
-from apd_lens.decomposition import Decomposition
+from apd_lens.engine.spec import WeightSpec
 from apd_lens.io import (
     COMPONENTS_FILE,
     CONFIG_FILE,
     check_target,
     set_components,
 )
-from apd_lens.malloc_tuning import keep_freed_memory
-from apd_lens.recorder import METRICS_FILE, RunRecorder
-from apd_lens.schedule import lr_factor
-from apd_lens.spec import WeightSpec
-from apd_lens.splitting import ComponentSplitter
+from apd_lens.methods.apd.config import APDConfig
+from apd_lens.methods.apd.decomposition import Decomposition
+from apd_lens.methods.apd.splitting import ComponentSplitter
+from apd_lens.training import distributed
+from apd_lens.training.checkpoint import (
+    CheckpointError,
+    list_checkpoints,
+    load_checkpoint,
+    resolve_resume,
+    set_rng_state,
+)
+from apd_lens.training.data import BatchStream, iterate_batches
+from apd_lens.training.malloc_tuning import keep_freed_memory
+from apd_lens.training.recorder import METRICS_FILE, RunRecorder
+from apd_lens.training.schedule import lr_factor
 
 logger = logging.getLogger(__name__)
 
@@ -102,7 +102,7 @@ def decompose(
     every that many steps and at the end, keeping the newest ``keep_checkpoints`` (< 1: all).
     ``resume``: a checkpoint file, a run directory (its newest checkpoint) or ``True`` (the newest
     of ``run_dir``); the run continues to the same result as an uninterrupted one (bitwise on CPU;
-    see :mod:`apd_lens.data` for which data can be resumed). ``wandb_project``: also log to
+    see :mod:`apd_lens.training.data` for which data can be resumed). ``wandb_project``: also log to
     Weights & Biases (off by default; ``wandb_kwargs`` go to ``wandb.init``).
     """
     ckpt, ckpt_path = None, None

@@ -9,7 +9,7 @@ from jaxtyping import Float
 from torch import Tensor, nn
 
 from apd_lens._compat import HookPoint
-from apd_lens.sparse_masked import sparse_masked_matmul
+from apd_lens.methods.apd.sparse_masked import sparse_masked_matmul
 
 FLAT_MAX_WIDTH = 16
 """Per-component products narrower than this many columns run as one wide matmul (see

@@ -10,11 +10,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from apd_lens.decomposition import Decomposition
+from apd_lens.analysis.metrics import mmcs_ml2r
+from apd_lens.analysis.plotting import plot_tms_components, plt
+from apd_lens.engine.spec import get_parameter
 from apd_lens.io import atomic_write_bytes
-from apd_lens.metrics import mmcs_ml2r
-from apd_lens.plotting import plot_tms_components, plt
-from apd_lens.spec import get_parameter
+from apd_lens.methods.apd.decomposition import Decomposition
 
 MAX_PANELS = 40
 

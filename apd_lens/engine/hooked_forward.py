@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from apd_lens.components import ComponentWeight
-from apd_lens.spec import WeightSpec, get_parameter
+from apd_lens.engine.spec import WeightSpec, get_parameter
+from apd_lens.methods.apd.components import ComponentWeight
 
 SPARSE_DENSITY = 0.25
 """Masks keeping less than this fraction of (data point, component) pairs take the sparse path..."""

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor
 
-from apd_lens.components import ComponentWeight
+from apd_lens.methods.apd.components import ComponentWeight
 
 SCHATTEN_EPS = 1e-16
 """Added to ``|A_m|^2 |B_m|^2`` before the power p/2 < 1 (whose slope is infinite at 0)."""
