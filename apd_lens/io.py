@@ -2,14 +2,19 @@
 
 A saved decomposition is a directory with
 
-- ``cfg.json``: the apd_lens version, the config, the weight descriptions (``WeightSpec.to_dict``),
-  a description of the target (class, shapes of the decomposed weights and biases, hooks used)
-  and the loss history;
-- ``components.safetensors``: ``<weight>.A`` [C, d_in, m] and ``<weight>.B`` [C, m, d_out] of
-  every decomposed weight, and ``target.<weight>``, the target's own ``[d_in, d_out]`` matrix.
+- ``cfg.json``: the apd_lens version, the method (``"apd"``, ``"spd"``; absent in saves older than
+  SPD, which are APD), the config, the weight descriptions (``WeightSpec.to_dict``), a description
+  of the target (class, shapes of the decomposed weights and biases, hooks used) and the loss history;
+- ``components.safetensors``: the decomposition's trainable tensors by parameter name (APD:
+  ``<weight>.A`` [C, d_in, m] and ``<weight>.B`` [C, m, d_out]; SPD: ``<weight>.V`` [d_in, C],
+  ``<weight>.U`` [C, d_out] and the causal-importance functions' parameters), and ``target.<weight>``,
+  the target's own ``[d_in, d_out]`` matrix.
 
-Loading checks the directory against the model it is applied to (parameter names, shapes,
-hooks, and by default the decomposed weights' values) and names every mismatch.
+This module only reads and writes that format and checks a target against it; it imports no
+decomposition class. Loading is the decomposition classes' ``load`` (and :func:`apd_lens.load`,
+which picks the class from the saved method), and checks the directory against the model it is
+applied to (parameter names, shapes, hooks, and by default the decomposed weights' values),
+naming every mismatch.
 """
 
 from __future__ import annotations
@@ -27,10 +32,9 @@ from safetensors.torch import save as st_save
 from torch import Tensor, nn
 
 from apd_lens.engine.spec import WeightSpec, get_parameter
-from apd_lens.methods.apd.config import APDConfig
 
-if TYPE_CHECKING:
-    from apd_lens.methods.apd.decomposition import Decomposition
+if TYPE_CHECKING:  # for the annotation only: this module imports no decomposition at run time
+    from apd_lens.engine.base import DecompositionBase
 
 logger = logging.getLogger(__name__)
 
@@ -136,14 +140,11 @@ def check_target(
     raise ValueError(f"{source}{made_of} does not fit this {type(model).__name__}:\n  - " + "\n  - ".join(problems))
 
 
-def save_decomposition(decomposition: Decomposition, path: str | Path) -> Path:
+def save_decomposition(decomposition: DecompositionBase, path: str | Path) -> Path:
     """Save ``decomposition`` to the directory ``path`` (created; existing files replaced)."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    tensors = {}
-    for name, comp in decomposition.components.items():
-        tensors[f"{name}.A"] = comp.A.detach().cpu().contiguous()
-        tensors[f"{name}.B"] = comp.B.detach().cpu().contiguous()
+    tensors = {name: t.contiguous() for name, t in decomposition.state_tensors().items()}
     for name, matrix in decomposition.target_matrices().items():
         tensors[f"target.{name}"] = matrix.cpu().contiguous()
     meta = {"format": "apd_lens.methods.apd.components", "format_version": str(FORMAT_VERSION)}
@@ -151,6 +152,7 @@ def save_decomposition(decomposition: Decomposition, path: str | Path) -> Path:
     cfg = {
         "format_version": FORMAT_VERSION,
         "apd_lens_version": apd_lens_version(),
+        "method": decomposition.method,
         "config": decomposition.config.to_dict(),
         "weights": [s.to_dict() for s in decomposition.specs],
         "target": describe_target(decomposition.model, decomposition.specs),
@@ -193,35 +195,6 @@ def read_tensors(file: Path) -> dict[str, Tensor]:
         raise ValueError(f"{file} is truncated or corrupted and cannot be read: {err}") from err
 
 
-def load_decomposition(path: str | Path, model: nn.Module, *, check_values: bool = True) -> Decomposition:
-    """Load the decomposition saved in ``path`` onto ``model``.
-
-    Raises ValueError naming every mismatch between the saved target and ``model`` (missing or
-    differently shaped parameters, missing hooks; with ``check_values`` also decomposed weights
-    whose values differ from those the decomposition was made of).
-    """
-    from apd_lens.methods.apd.decomposition import Decomposition
-
-    path = Path(path)
-    cfg = read_cfg(path)
-    config = APDConfig.from_dict(cfg["config"])
-    specs = [WeightSpec.from_dict(d) for d in cfg["weights"]]
-    tensors = read_tensors(path / COMPONENTS_FILE)
-    saved = {s.name: tensors.get(f"target.{s.name}") for s in specs} if check_values else None
-    check_target(f"the decomposition in {path}", model, specs, cfg["target"], saved)
-    decomposition = Decomposition(model, specs, config)
-    set_components(decomposition, tensors, str(path / COMPONENTS_FILE))
-    decomposition.loss_history = list(cfg.get("loss_history", []))
-    return decomposition
-
-
-def set_components(decomposition: Decomposition, tensors: dict[str, Tensor], source: str) -> None:
-    """Copy ``<weight>.A`` / ``<weight>.B`` from ``tensors`` into the decomposition's components."""
-    for name, comp in decomposition.components.items():
-        a, b = tensors.get(f"{name}.A"), tensors.get(f"{name}.B")
-        if a is None or b is None:
-            raise ValueError(f"{source} holds no components for weight {name!r}")
-        try:
-            comp.set_from_matrices(a, b)
-        except ValueError as err:
-            raise ValueError(f"{source}, weight {name!r}: {err}") from err
+def saved_method(cfg: dict[str, Any]) -> str:
+    """The method of a saved decomposition or checkpoint (saves older than SPD are APD)."""
+    return cfg.get("method", "apd")

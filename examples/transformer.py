@@ -17,7 +17,7 @@ import torch
 
 import apd_lens
 from apd_lens.adapters import select_weights
-from apd_lens.methods.apd.losses import output_loss
+from apd_lens.engine.losses import output_loss
 from apd_lens.models.fact_lookup import (
     FactLookupTask,
     dedicated_facts,

@@ -217,12 +217,10 @@ def test_losses_backpropagate_to_components_only():
 def test_sparse_and_dense_masked_forward_match_functional_call(kind, sparse):
     """Both the sparse (active pairs only) and the dense masked paths equal the brute force, values
     and gradients, on a mask with non-binary entries and empty rows."""
-    from apd_lens.engine.hooked_forward import hooked_forward
-
     dec, x = make(kind)
     mask = (torch.rand(x.shape[0], dec.n_components) < 0.3).double() * torch.rand(x.shape[0], dec.n_components)
     mask[0] = 0
-    rec = hooked_forward(dec.model, x, dec.plan, 1, components=dec.components, mask=mask, sparse=sparse)
+    rec = dec.hooked_pass(x, replace=dec._replacement(mask, sparse=sparse))
     params = {k: v.detach() for k, v in dec.model.named_parameters()}
     want = torch.cat(
         [
@@ -232,7 +230,7 @@ def test_sparse_and_dense_masked_forward_match_functional_call(kind, sparse):
     )
     torch.testing.assert_close(rec.output, want, rtol=1e-5, atol=1e-10)
     grads = torch.autograd.grad(rec.output.square().sum(), dec.component_parameters())
-    dense = hooked_forward(dec.model, x, dec.plan, 1, components=dec.components, mask=mask, sparse=not sparse)
+    dense = dec.hooked_pass(x, replace=dec._replacement(mask, sparse=not sparse))
     ref = torch.autograd.grad(dense.output.square().sum(), dec.component_parameters())
     for g, r in zip(grads, ref, strict=True):
         torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-10)

@@ -1,10 +1,11 @@
-"""Forward passes through the model's own hooks.
+"""Forward passes through the model's own hooks: the engine every method runs on.
 
-One mechanism serves every pass of a step: hooks on the entering hook of each weight use record
-the live (flattened) activation; hooks on the leaving hook either record it (target pass) or
-replace it by the masked component output plus the frozen bias (component pass). Recorded
-leaving activations become autograd leaves where they carry no graph yet, so gradients of the
-output with respect to every leaving activation can be taken afterwards.
+One mechanism serves every pass of a step, whatever the method: hooks on the entering hook of each
+weight use record the live (flattened) activation; hooks on the leaving hook either record it
+(target pass) or replace it by what a method's :data:`Replacement` computes from the live
+entering activation, plus the frozen bias (masked passes). Recorded leaving activations become
+autograd leaves where they carry no graph yet, so gradients of the output with respect to every
+leaving activation can be taken afterwards.
 """
 
 from __future__ import annotations
@@ -19,15 +20,15 @@ import torch
 from torch import Tensor, nn
 
 from apd_lens.engine.spec import WeightSpec, get_parameter
-from apd_lens.methods.apd.components import ComponentWeight
-
-SPARSE_DENSITY = 0.25
-"""Masks keeping less than this fraction of (data point, component) pairs take the sparse path..."""
-SPARSE_MIN_WORK = 2**22
-"""...when the dense computation would cost more than this many multiply-adds."""
 
 UseKey = tuple[str, int]
 """(weight name, index of the use)"""
+
+Replacement = Callable[[UseKey, Tensor, Tensor, tuple[int, ...]], Tensor | None]
+"""A method's replacement of one use's leaving activation:
+``(use, entering activation [n_points, d_in] read live, the leaving activation as the model made it,
+batch shape) -> [n_points, d_out]`` (or the leaving hook's own shape), without the frozen bias, which
+the engine adds; ``None`` keeps the model's own activation."""
 
 
 @dataclass
@@ -78,19 +79,15 @@ def hooked_forward(
     x: Tensor,
     plan: HookPlan,
     n_batch_dims: int,
-    components: dict[str, ComponentWeight] | None = None,
-    mask: Tensor | None = None,
+    replace: Replacement | None = None,
     make_leaves: bool = False,
-    detach_components: bool = False,
     act_hooks: Iterable[str] = (),
     extra_hooks: Iterable[tuple[str, Callable]] = (),
-    sparse: bool | None = None,
 ) -> PassRecord:
     """Run ``model(x)`` under the plan's hooks.
 
-    With ``components`` given, each leaving activation is replaced by
-    ``sum_c mask[n, c] * (enter[n] @ P_c) + bias`` (mask ``None``: all components on).
-    ``sparse``: compute only the kept (data point, component) pairs (None: decide from the mask).
+    With ``replace`` given, each leaving activation is replaced by ``replace(...) + bias`` (see
+    :data:`Replacement`); without it the model runs unchanged and the pass only records.
     """
     record = PassRecord(output=torch.empty(0))
     act_hooks = set(act_hooks)
@@ -113,50 +110,24 @@ def hooked_forward(
             return one_hot_ids(t, n_batch_dims, specs[key[0]], model, hook_name)
         return t.reshape(math.prod(shape), -1)
 
-    flat_mask = None if mask is None else mask.reshape(-1, mask.shape[-1])
-    density: list[float] = []  # computed on first need, once per forward
-
-    def use_sparse(comp: ComponentWeight, n_points: int, acts_hook) -> bool:
-        """Sparse path when asked, or (auto) when the mask is sparse, the dense work is large and
-        nobody hooks the inner activations (hooks need the dense [*, C, m] tensor)."""
-        if acts_hook._forward_hooks or acts_hook._backward_hooks:
-            return False
-        if sparse is not None:
-            return sparse
-        dense_work = n_points * comp.n_components * comp.rank * (comp.d_in + comp.d_out)
-        if dense_work <= SPARSE_MIN_WORK:
-            return False
-        if not density:
-            density.append(float((flat_mask != 0).float().mean()))
-        return density[0] < SPARSE_DENSITY
-
-    def replace(key: UseKey, t: Tensor, hook_name: str) -> Tensor:
+    def replaced(key: UseKey, t: Tensor, hook_name: str) -> Tensor:
         name, i = key
         use = specs[name].uses[i]
         if key not in record.enters:
             raise RuntimeError(
                 f"weight {name!r}: leaving hook {hook_name!r} fired before its entering hook {use.enter!r}"
             )
-        comp = components[name]
-        enter = record.enters[key]
-        acts_hook = comp.acts_hook(i)
-        if flat_mask is not None and use_sparse(comp, enter.shape[0], acts_hook):
-            out = comp.sparse_masked_output(enter, flat_mask, use.transposed, detach_components)
-        else:
-            inner = comp.inner_acts(enter, use.transposed, detach_components)
-            if flat_mask is not None:
-                inner = inner * flat_mask[:, :, None].to(inner.dtype)
-            inner = acts_hook(inner.reshape(*record.batch_shape, *inner.shape[1:]))
-            inner = inner.reshape(-1, *inner.shape[n_batch_dims:])
-            out = comp.summed_outer(inner, use.transposed, detach_components)
-        if out.shape[-1] != math.prod(t.shape[n_batch_dims:]):
+        out = replace(key, record.enters[key], t, record.batch_shape)
+        if out is None:
+            return t
+        width = math.prod(t.shape[n_batch_dims:])
+        if out.numel() != t.numel():
+            got = out.shape[-1] if out.ndim == 2 else tuple(out.shape)
             raise RuntimeError(
-                f"weight {name!r}: component output width {out.shape[-1]} does not "
-                f"match leaving hook {hook_name!r} of shape {tuple(t.shape)}"
+                f"weight {name!r}: replacement output width {got} does not "
+                f"match leaving hook {hook_name!r} of shape {tuple(t.shape)} (width {width})"
             )
         out = out.reshape(t.shape)
-        if i == 0:
-            out = comp.hook_component_out(out)
         bias = biases[key]
         if bias is None:
             return out
@@ -165,8 +136,8 @@ def hooked_forward(
 
     def hook_fn(t: Tensor, hook, name: str) -> Tensor:
         for key in plan.leave_at.get(name, ()):
-            if components is not None:
-                t = replace(key, t, name)
+            if replace is not None:
+                t = replaced(key, t, name)
             if make_leaves and not t.requires_grad:
                 t = t.detach().requires_grad_(True)
             record.leaves[key] = t

@@ -1,9 +1,10 @@
-"""Data-parallel APD on torch.distributed (torchrun): shards, a global batch top-k, DDP.
+"""Data-parallel decomposition on torch.distributed (torchrun): shards, gathers, DDP.
 
 Under ``torchrun --nproc_per_node N``, every rank draws the same global batch and keeps its
-shard of it; gradients are averaged by DistributedDataParallel, and the batch top-k threshold is
-taken over the attributions of the whole global batch (all-gathered), so the decomposition means
-the same as one process on the global batch.
+shard of it; gradients are averaged by DistributedDataParallel. What a method decides over the
+whole batch is decided over the global batch (APD's batch top-k threshold over all-gathered
+attributions; SPD's random mask sources drawn for the global batch, each rank using its rows), so
+the decomposition means the same as one process on the global batch.
 """
 
 from __future__ import annotations
@@ -13,11 +14,8 @@ from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
-from jaxtyping import Float
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
-
-from apd_lens.methods.apd.masks import batch_topk_mask
 
 
 def is_distributed() -> bool:
@@ -79,34 +77,39 @@ def shard(batch: Tensor) -> Tensor:
     return batch[rank() * size : (rank() + 1) * size]
 
 
-def global_batch_topk_mask(attributions: Float[Tensor, "*batch C"], k: float) -> Float[Tensor, "*batch C"]:
-    """Batch top-k over the attributions of all ranks together; returns this rank's part of the mask."""
+def gather_batches(t: Tensor) -> Tensor:
+    """Every rank's ``t`` concatenated along dim 0, in rank order (``t`` itself when not distributed)."""
     n = world_size()
     if n == 1:
-        return batch_topk_mask(attributions, k)
-    gathered = [torch.empty_like(attributions) for _ in range(n)]
-    dist.all_gather(gathered, attributions.contiguous())
-    mask = batch_topk_mask(torch.cat(gathered, dim=0), k)
-    size = attributions.shape[0]
-    return mask[rank() * size : (rank() + 1) * size]
+        return t
+    gathered = [torch.empty_like(t) for _ in range(n)]
+    dist.all_gather(gathered, t.contiguous())
+    return torch.cat(gathered, dim=0)
+
+
+def local_part(t: Tensor, size: int) -> Tensor:
+    """This rank's ``size`` rows of a tensor over the global batch (rows in rank order)."""
+    return t[rank() * size : (rank() + 1) * size]
 
 
 class _LossStep(nn.Module):
-    """``forward(x, generator)`` = the decomposition's loss terms: the module DDP wraps."""
+    """``forward(x, generator, step)`` = the decomposition's loss terms: the module DDP wraps."""
 
     def __init__(self, decomposition: nn.Module):
         super().__init__()
         self.decomposition = decomposition
 
-    def forward(self, x: Tensor, generator: torch.Generator | None = None) -> dict[str, Tensor]:
-        return self.decomposition.losses(x, generator=generator)
+    def forward(
+        self, x: Tensor, generator: torch.Generator | None = None, step: int | None = None
+    ) -> dict[str, Tensor]:
+        return self.decomposition.losses(x, generator=generator, step=step)
 
 
 def data_parallel_step(decomposition: nn.Module) -> Callable[[Tensor, torch.Generator | None], dict[str, Tensor]]:
     """The loss function of one step: ``decomposition.losses``, wrapped in DistributedDataParallel
     when running distributed (gradients of the component parameters are averaged over ranks)."""
     if not is_distributed():
-        return lambda x, generator=None: decomposition.losses(x, generator=generator)
+        return lambda x, generator=None, step=None: decomposition.losses(x, generator=generator, step=step)
     device = next(iter(decomposition.component_parameters())).device
     ids = [device.index] if device.type == "cuda" else None
     return DistributedDataParallel(_LossStep(decomposition), device_ids=ids)

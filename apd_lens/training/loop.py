@@ -1,4 +1,10 @@
-"""``decompose``: the APD training loop, with run directories, checkpoints and resuming."""
+"""``decompose``: the training loop every method shares, with run directories, checkpoints and resuming.
+
+The loop knows a decomposition only through :class:`~apd_lens.engine.base.DecompositionBase`: its
+loss terms, its trainable parameters and state, and its optional before-training, after-update and
+between-steps work. Which method runs follows from the config's class (``APDConfig``, ``SPDConfig``;
+see :mod:`apd_lens.methods`).
+"""
 
 from __future__ import annotations
 
@@ -12,16 +18,11 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from apd_lens.engine.base import DecompositionBase, TrainingCallback
+from apd_lens.engine.config import DecompositionConfig
 from apd_lens.engine.spec import WeightSpec
-from apd_lens.io import (
-    COMPONENTS_FILE,
-    CONFIG_FILE,
-    check_target,
-    set_components,
-)
-from apd_lens.methods.apd.config import APDConfig
-from apd_lens.methods.apd.decomposition import Decomposition
-from apd_lens.methods.apd.splitting import ComponentSplitter
+from apd_lens.io import COMPONENTS_FILE, CONFIG_FILE, check_target, saved_method
+from apd_lens.methods import get_method, method_of_config
 from apd_lens.training import distributed
 from apd_lens.training.checkpoint import (
     CheckpointError,
@@ -41,10 +42,12 @@ RESUME_MAY_CHANGE = frozenset({"progress", "device", "log_every"})
 """Config fields that may differ between a checkpoint and the run resuming it."""
 
 
-def default_config(model: nn.Module) -> APDConfig:
-    """The model's own paper settings (``model.apd_default_config()``) or generic defaults."""
-    make = getattr(model, "apd_default_config", None)
-    return make() if callable(make) else APDConfig()
+def default_config(model: nn.Module, method: str = "apd") -> DecompositionConfig:
+    """The model's own settings for ``method`` (``model.apd_default_config()``,
+    ``model.spd_default_config()``) or the method's generic defaults."""
+    spec = get_method(method)
+    make = getattr(model, f"{spec.name}_default_config", None)
+    return make() if callable(make) else spec.config_class()
 
 
 def resolve_specs(
@@ -77,8 +80,9 @@ def resolve_specs(
 def decompose(
     model: nn.Module,
     data: Tensor | Iterable,
-    config: APDConfig | None = None,
+    config: DecompositionConfig | None = None,
     *,
+    method: str | None = None,
     weights: list[WeightSpec] | None = None,
     run_dir: str | Path | None = None,
     checkpoint_every: int | None = None,
@@ -87,14 +91,17 @@ def decompose(
     overwrite: bool = False,
     wandb_project: str | None = None,
     wandb_kwargs: dict[str, Any] | None = None,
-) -> Decomposition:
-    """Decompose ``model``'s weights into parameter components with APD.
+) -> DecompositionBase:
+    """Decompose ``model``'s weights with APD (an ``APDConfig``) or SPD (an ``SPDConfig``).
 
     ``data``: a Tensor of inputs (shuffled into batches of ``config.batch_size``), or an
-    iterable of batches / a DataLoader. ``config``: defaults to the model's paper settings (or,
-    when resuming, the checkpoint's). ``weights``: explicit weight descriptions; by default the
-    model's ``apd_weight_specs()``. Returns the trained :class:`Decomposition` (its
-    ``loss_history`` holds the logged terms).
+    iterable of batches / a DataLoader. ``config``: its class picks the method; None: the model's
+    own settings for ``method`` (``"apd"`` unless given; ``model.apd_default_config()`` /
+    ``model.spd_default_config()``), or, when resuming, the checkpoint's. ``weights``: explicit
+    weight descriptions; by default the model's ``apd_weight_specs()`` or an adapter's. Returns the
+    trained decomposition (:class:`~apd_lens.methods.apd.decomposition.Decomposition` or
+    :class:`~apd_lens.methods.spd.decomposition.SPDDecomposition`; its ``loss_history`` holds the
+    logged terms).
 
     ``run_dir``: a directory that receives ``metrics.jsonl`` during training, the checkpoints and,
     at the end, the saved decomposition (``cfg.json``, ``components.safetensors``). It must not
@@ -111,7 +118,8 @@ def decompose(
         ckpt = load_checkpoint(ckpt_path)
         if run_dir is None:
             run_dir = ckpt_path.parent.parent
-    config = _resolve_config(model, config, ckpt, ckpt_path)
+    config = _resolve_config(model, config, method, ckpt, ckpt_path)
+    chosen = method_of_config(config)
     if checkpoint_every is not None and (not isinstance(checkpoint_every, int) or checkpoint_every < 1):
         raise ValueError(f"checkpoint_every must be an integer >= 1, got {checkpoint_every!r}")
     if checkpoint_every is not None and run_dir is None:
@@ -125,39 +133,41 @@ def decompose(
     if ckpt is not None:
         _check_resume_target(model, specs, ckpt, ckpt_path)
     torch.manual_seed(config.seed)
-    decomposition = Decomposition(model, specs, config)
+    decomposition = chosen.decomposition_class(model, specs, config)
     data_gen = torch.Generator().manual_seed(config.seed)
-    probe_gen = torch.Generator().manual_seed(config.seed + 1)
+    step_gen = torch.Generator().manual_seed(config.seed + 1)
     batches = iterate_batches(data, config.batch_size, data_gen, distributed.resolve_device(config.device))
-    optimizer = make_optimizer(decomposition.component_parameters(), config.lr)
-    splitter = ComponentSplitter(decomposition, optimizer)
+    optimizer = make_optimizer(decomposition.trainable_parameters(), config.lr)
+    callbacks = decomposition.training_callbacks(optimizer)
     start_step = 0
     if ckpt is not None:
-        start_step = _restore(ckpt, ckpt_path, decomposition, optimizer, batches, probe_gen, splitter)
-    elif checkpoint_every is not None and not batches.resumable:
-        logger.warning("checkpoints of this run cannot be resumed exactly: %s", batches.reason)
+        start_step = _restore(ckpt, ckpt_path, decomposition, optimizer, batches, step_gen, callbacks)
+    else:
+        if checkpoint_every is not None and not batches.resumable:
+            logger.warning("checkpoints of this run cannot be resumed exactly: %s", batches.reason)
+        decomposition.before_training()
     recorder = RunRecorder(
         run_dir,
         decomposition,
         optimizer,
         batches,
-        probe_gen,
+        step_gen,
         checkpoint_every,
         keep_checkpoints,
         start_step,
-        extra_state={"splitter": splitter.state_dict},
+        extra_state={name: cb.state_dict for name, cb in callbacks.items()},
     )
     if wandb_project is not None:
         recorder.start_wandb(wandb_project, wandb_kwargs or {})
     try:
         run_steps(
-            decomposition, batches, optimizer, probe_gen, start_step, after_step=recorder.after_step, splitter=splitter
+            decomposition, batches, optimizer, step_gen, start_step, after_step=recorder.after_step, callbacks=callbacks
         )
         recorder.finish()
     finally:
         recorder.close()
-        splitter.close()
-    decomposition.split_history = list(splitter.history)
+        for cb in callbacks.values():
+            cb.close()
     return decomposition
 
 
@@ -173,30 +183,32 @@ _FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def run_steps(
-    decomposition: Decomposition,
+    decomposition: DecompositionBase,
     batches,
     optimizer: torch.optim.Optimizer,
-    probe_gen: torch.Generator | None = None,
+    step_gen: torch.Generator | None = None,
     start_step: int = 0,
     *,
     after_step: Callable[[int, dict[str, float] | None], None] | None = None,
-    splitter: ComponentSplitter | None = None,
+    callbacks: dict[str, TrainingCallback] | None = None,
 ) -> None:
     """Run the optimization from ``start_step`` to ``config.steps``.
 
-    ``after_step(step, row)`` is called after every step; ``row`` is the logged row of that step
-    (also appended to ``loss_history``) or None on steps that are not logged. ``splitter``:
-    splits over-used components after the steps its config names (``split_every``).
+    ``step_gen``: the generator of each step's random draws (APD's output probes, SPD's mask
+    sources). ``after_step(step, row)`` is called after every step; ``row`` is the logged row of
+    that step (also appended to ``loss_history``) or None on steps that are not logged.
+    ``callbacks``: the method's between-steps work (e.g. APD's component splitter).
     """
     cfg = decomposition.config
+    callbacks = callbacks or {}
     step_fn = distributed.data_parallel_step(decomposition)
     show = cfg.progress and distributed.is_main_process()
-    bar = tqdm(range(start_step, cfg.steps), disable=not show, desc="APD", dynamic_ncols=True)
+    bar = tqdm(range(start_step, cfg.steps), disable=not show, desc=decomposition.method.upper(), dynamic_ncols=True)
     for step in bar:
         for group in optimizer.param_groups:
             group["lr"] = cfg.lr * lr_factor(step, cfg.steps, cfg.lr_schedule, cfg.lr_warmup_frac)
         x = distributed.shard(next(batches))
-        terms = step_fn(x, probe_gen)
+        terms = step_fn(x, step_gen, step)
         bad = [k for k, v in terms.items() if not torch.isfinite(v)]
         if bad:
             raise FloatingPointError(
@@ -206,41 +218,32 @@ def run_steps(
         terms["total"].backward()
         check_gradients(decomposition, step)
         apply_update(decomposition, optimizer)
-        if splitter is not None:
-            for split in splitter.after_step(step, x):
-                logger.info(
-                    "step %d: split component %d (active on %.3g of points, reference rate %.3g) into unused %d",
-                    split.step,
-                    split.source,
-                    split.source_rate,
-                    split.median_rate,
-                    split.target,
-                )
+        for cb in callbacks.values():
+            cb.after_step(step, x)
         row = None
         if step % cfg.log_every == 0 or step == cfg.steps - 1:
             decomposition.check_target_unchanged(f" (found at step {step})")
             row = {"step": step, "lr": optimizer.param_groups[0]["lr"]}
-            row.update(distributed.mean_over_ranks({k: v.detach() for k, v in terms.items()}))
+            logged = {k: v.detach() for k, v in terms.items()}
+            logged.update(decomposition.log_values(terms))
+            row.update(distributed.mean_over_ranks(logged))
             decomposition.loss_history.append(row)
-            bar.set_postfix({k: f"{v:.3g}" for k, v in row.items() if k not in ("step", "lr")})
+            bar.set_postfix({k: f"{row[k]:.3g}" for k in terms})
         if after_step is not None:
             after_step(step, row)
 
 
-def apply_update(decomposition: Decomposition, optimizer: torch.optim.Optimizer) -> None:
-    """The parameter update of one step: the optimizer step, then (``unit_norm_A``) A renormalized."""
+def apply_update(decomposition: DecompositionBase, optimizer: torch.optim.Optimizer) -> None:
+    """The parameter update of one step: the optimizer step, then the method's own after-update
+    work (APD's ``unit_norm_A``)."""
     optimizer.step()
-    if decomposition.config.unit_norm_A:
-        for comp in decomposition.components.values():
-            comp.normalize_A()
+    decomposition.after_update()
 
 
-def check_gradients(decomposition: Decomposition, step: int) -> None:
-    """Raise, before the optimizer touches anything, if a component gradient is not finite."""
-    named = [
-        (f"{name}.{label}", p) for name, c in decomposition.components.items() for label, p in (("A", c.A), ("B", c.B))
-    ]
-    named = [(n, p.grad) for n, p in named if p.grad is not None]
+def check_gradients(decomposition: DecompositionBase, step: int) -> None:
+    """Raise, before the optimizer touches anything, if a trainable parameter's gradient is not finite."""
+    named = [(n, p.grad) for n, p in decomposition.named_parameters() if not n.startswith("model.")]
+    named = [(n, g) for n, g in named if g is not None]
     if not named:
         return
     norms = torch.stack([g.norm() for _, g in named])
@@ -251,14 +254,33 @@ def check_gradients(decomposition: Decomposition, step: int) -> None:
 
 
 # ------------------------------------------------------------------------------ resuming
-def _resolve_config(model: nn.Module, config: APDConfig | None, ckpt: dict | None, ckpt_path: Path | None) -> APDConfig:
-    if config is not None and not isinstance(config, APDConfig):
-        raise TypeError(f"config must be an APDConfig, got {type(config).__name__}")
+def _resolve_config(
+    model: nn.Module,
+    config: DecompositionConfig | None,
+    method: str | None,
+    ckpt: dict | None,
+    ckpt_path: Path | None,
+) -> DecompositionConfig:
+    if config is not None:
+        chosen = method_of_config(config)  # a TypeError naming the known config classes otherwise
+        if method is not None and get_method(method).name != chosen.name:
+            raise ValueError(f"method={method!r} but the config is a {type(config).__name__} ({chosen.name})")
     if ckpt is None:
-        config = config if config is not None else default_config(model)
+        config = config if config is not None else default_config(model, method or "apd")
         config.validate()
         return config
-    saved = APDConfig.from_dict(ckpt["config"])
+    saved_as = get_method(saved_method(ckpt))
+    if (
+        config is not None
+        and method_of_config(config).name != saved_as.name
+        or (method is not None and get_method(method).name != saved_as.name)
+    ):
+        given = type(config).__name__ if config is not None else f"method={method!r}"
+        raise ValueError(
+            f"cannot resume {ckpt_path}: it is an {saved_as.name.upper()} run, and this call asks for {given}; "
+            f"pass a {saved_as.config_class.__name__} or config=None"
+        )
+    saved = saved_as.config_class.from_dict(ckpt["config"])
     if config is None:
         return saved
     config.validate()
@@ -285,24 +307,25 @@ def _check_resume_target(model: nn.Module, specs: list[WeightSpec], ckpt: dict, 
 def _restore(
     ckpt: dict,
     ckpt_path: Path,
-    decomposition: Decomposition,
+    decomposition: DecompositionBase,
     optimizer: torch.optim.Optimizer,
     batches: BatchStream,
-    probe_gen: torch.Generator,
-    splitter: ComponentSplitter,
+    step_gen: torch.Generator,
+    callbacks: dict[str, TrainingCallback],
 ) -> int:
     """Put the run back in the state saved in ``ckpt``; returns the number of completed steps."""
-    set_components(decomposition, ckpt["components"], str(ckpt_path))
+    decomposition.load_state_tensors(ckpt["components"], str(ckpt_path))
     try:
         optimizer.load_state_dict(ckpt["optimizer"])
     except (ValueError, KeyError) as err:
         raise CheckpointError(f"{ckpt_path}: the optimizer state does not fit: {err}") from err
     batches.load_state_dict(ckpt["data"])
-    probe_gen.set_state(ckpt["probe_generator"])
+    step_gen.set_state(ckpt["probe_generator"])
     set_rng_state(ckpt["rng"])
     decomposition.loss_history = list(ckpt["loss_history"])
-    if "splitter" in ckpt:
-        splitter.load_state_dict(ckpt["splitter"])
+    for name, cb in callbacks.items():
+        if name in ckpt:
+            cb.load_state_dict(ckpt[name])
     logger.info("resumed %s at step %d", ckpt_path, ckpt["step"])
     return int(ckpt["step"])
 

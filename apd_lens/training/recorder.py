@@ -9,8 +9,8 @@ from typing import Any
 
 import torch
 
+from apd_lens.engine.base import DecompositionBase
 from apd_lens.io import atomic_write_bytes, describe_target, save_decomposition
-from apd_lens.methods.apd.decomposition import Decomposition
 from apd_lens.training.checkpoint import checkpoint_path, prune_checkpoints, rng_state, save_checkpoint
 from apd_lens.training.data import BatchStream
 from apd_lens.training.distributed import is_main_process
@@ -24,17 +24,17 @@ class RunRecorder:
     def __init__(
         self,
         run_dir: str | Path | None,
-        decomposition: Decomposition,
+        decomposition: DecompositionBase,
         optimizer: torch.optim.Optimizer,
         batches: BatchStream,
-        probe_gen: torch.Generator,
+        step_gen: torch.Generator,
         checkpoint_every: int | None,
         keep_checkpoints: int,
         start_step: int,
         extra_state: dict[str, Callable[[], Any]] | None = None,
     ):
         self.run_dir = Path(run_dir) if run_dir is not None and is_main_process() else None
-        self.decomposition, self.optimizer, self.batches, self.probe_gen = decomposition, optimizer, batches, probe_gen
+        self.decomposition, self.optimizer, self.batches, self.step_gen = decomposition, optimizer, batches, step_gen
         self.checkpoint_every, self.keep = checkpoint_every, keep_checkpoints
         self.last_checkpoint = start_step
         self.extra_state = dict(extra_state or {})
@@ -87,20 +87,17 @@ class RunRecorder:
         if self.run_dir is None:
             return None
         d = self.decomposition
-        components = {}
-        for name, comp in d.components.items():
-            components[f"{name}.A"] = comp.A.detach().cpu().clone()
-            components[f"{name}.B"] = comp.B.detach().cpu().clone()
         state = {
             "step": done,
+            "method": d.method,
             "config": d.config.to_dict(),
             "weights": [s.to_dict() for s in d.specs],
             "target": describe_target(d.model, d.specs),
             "target_matrices": {k: v.cpu() for k, v in d.target_matrices().items()},
-            "components": components,
+            "components": d.state_tensors(),
             "optimizer": self.optimizer.state_dict(),
             "rng": rng_state(),
-            "probe_generator": self.probe_gen.get_state(),
+            "probe_generator": self.step_gen.get_state(),  # the step generator (the key predates SPD)
             "data": self.batches.state_dict(),
             "loss_history": list(d.loss_history),
             **{key: get() for key, get in self.extra_state.items()},

@@ -2,25 +2,28 @@
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import ClassVar
+
+from apd_lens.engine.config import OUTPUT_LOSSES, DecompositionConfig
 
 _CHOICES = {
     "attribution": ("gradient", "activation"),
     "attribution_source": ("target", "components"),
     "attribution_backend": ("auto", "vmap", "batched", "jvp"),
     "topk_mode": ("batch", "per_example"),
-    "output_loss": ("mse", "kl"),
-    "lr_schedule": ("constant", "cosine", "linear"),
+    "output_loss": OUTPUT_LOSSES,
 }
 
 
 @dataclass
-class APDConfig:
+class APDConfig(DecompositionConfig):
     """Settings of an APD decomposition. Defaults are generic; the toy models carry the
     paper's settings in ``model.apd_default_config()``, which ``decompose`` uses when no
-    config is given."""
+    config is given. The shared fields (weights, steps, batch_size, lr, seed, ...) are
+    keyword-only, from :class:`~apd_lens.engine.config.DecompositionConfig`."""
+
+    method: ClassVar[str] = "apd"
 
     n_components: int = 10
     """C, the number of parameter components (shared by all decomposed weights)."""
@@ -70,32 +73,9 @@ class APDConfig:
     split_reference: str = "live"
     """The reference rate: ``"live"`` the median live component, ``"carrying"`` the median of the
     busiest components carrying 80% of all activity (for C much larger than the number of mechanisms)."""
-    weights: tuple[str, ...] | None = None
-    """fnmatch patterns selecting which of the model's declared weights to decompose."""
-    n_batch_dims: int | None = None
-    """Leading dims of an input that index data points; None: all dims of integer (token)
-    inputs, all but the last of float inputs."""
-    steps: int = 10_000
-    batch_size: int = 2048
-    lr: float = 1e-3
-    lr_schedule: str = "constant"
-    lr_warmup_frac: float = 0.0
-    seed: int = 0
-    device: str = "cpu"
-    progress: bool = True
-    log_every: int = 100
-    extra: dict[str, Any] = field(default_factory=dict)
-    """Free-form metadata kept with the config (e.g. the experiment's name)."""
 
-    def __post_init__(self) -> None:
-        if self.weights is not None:
-            self.weights = tuple(self.weights)
-        self.act_recon_hooks = tuple(self.act_recon_hooks)
-        self.validate()
-
-    def validate(self) -> None:
-        """Raise ValueError naming every impossible setting."""
-        problems = []
+    def problems(self) -> list[str]:
+        problems = super().problems()
         if not isinstance(self.n_components, int) or self.n_components < 1:
             problems.append(f"n_components (C) must be an integer >= 1, got {self.n_components!r}")
         if self.rank is not None and (not isinstance(self.rank, int) or self.rank < 1):
@@ -127,16 +107,6 @@ class APDConfig:
             )
         if self.attribution_chunk is not None and self.attribution_chunk < 1:
             problems.append(f"attribution_chunk must be None or >= 1, got {self.attribution_chunk}")
-        if self.n_batch_dims is not None and self.n_batch_dims < 1:
-            problems.append(f"n_batch_dims must be None or >= 1, got {self.n_batch_dims}")
-        if self.steps < 0:
-            problems.append(f"steps must be >= 0, got {self.steps}")
-        if self.batch_size < 1:
-            problems.append(f"batch_size must be >= 1, got {self.batch_size}")
-        if not self.lr > 0:
-            problems.append(f"lr must be > 0, got {self.lr}")
-        if not 0 <= self.lr_warmup_frac <= 1:
-            problems.append(f"lr_warmup_frac must be in [0, 1], got {self.lr_warmup_frac}")
         if not self.init_scale > 0:
             problems.append(f"init_scale must be > 0, got {self.init_scale}")
         if self.split_every is not None and (not isinstance(self.split_every, int) or self.split_every < 1):
@@ -153,25 +123,4 @@ class APDConfig:
             problems.append(f"split_reference must be 'live' or 'carrying', got {self.split_reference!r}")
         if not 0 <= self.split_until <= 1:
             problems.append(f"split_until must be in [0, 1], got {self.split_until}")
-        if self.log_every < 1:
-            problems.append(f"log_every must be >= 1, got {self.log_every}")
-        if problems:
-            raise ValueError("Invalid APDConfig:\n  - " + "\n  - ".join(problems))
-
-    def replace(self, **changes: Any) -> APDConfig:
-        """A copy with some fields changed (validated)."""
-        return dataclasses.replace(self, **changes)
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["act_recon_hooks"] = list(self.act_recon_hooks)
-        d["weights"] = None if self.weights is None else list(self.weights)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> APDConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown APDConfig fields: {unknown}")
-        return cls(**d)
+        return problems

@@ -1,19 +1,22 @@
-"""Decomposition: a HookedRootModule holding a frozen target model and its parameter components."""
+"""Decomposition: APD's decomposition, a HookedRootModule holding a frozen target model and its
+parameter components (C rank-m components per decomposed weight)."""
 
 from __future__ import annotations
 
 import contextlib
 import warnings
 from collections.abc import Iterable
-from pathlib import Path
+from typing import ClassVar
 
 import torch
 from jaxtyping import Bool, Float
 from torch import Tensor, nn
 
-from apd_lens._compat import HookedRootModule, HookPoint
-from apd_lens.engine.hooked_forward import HookPlan, PassRecord, hooked_forward
-from apd_lens.engine.spec import WeightSpec, get_parameter, validate_specs
+from apd_lens._compat import HookPoint
+from apd_lens.engine.base import DecompositionBase, TrainingCallback
+from apd_lens.engine.hooked_forward import PassRecord, UseKey
+from apd_lens.engine.losses import activation_recon_loss, output_loss
+from apd_lens.engine.spec import WeightSpec, get_parameter
 from apd_lens.methods.apd.attributions import (
     FeedsMismatch,
     ProbeMemoryError,
@@ -24,16 +27,20 @@ from apd_lens.methods.apd.attributions import (
 from apd_lens.methods.apd.components import ComponentWeight
 from apd_lens.methods.apd.config import APDConfig
 from apd_lens.methods.apd.leave_gradients import vmap_leave_gradients
-from apd_lens.methods.apd.losses import activation_recon_loss, output_loss, parameter_losses
-from apd_lens.methods.apd.masks import batch_topk_mask, per_example_topk_mask
-from apd_lens.training.distributed import global_batch_topk_mask
+from apd_lens.methods.apd.losses import parameter_losses
+from apd_lens.methods.apd.masks import batch_topk_mask, global_batch_topk_mask, per_example_topk_mask
+from apd_lens.methods.apd.splitting import ComponentSplitter
 
 FEED_CHECK_EXAMPLES = 8
 """After the first batch (all examples), declared ``feeds`` are checked on this many examples per batch."""
+SPARSE_DENSITY = 0.25
+"""Masks keeping less than this fraction of (data point, component) pairs take the sparse path..."""
+SPARSE_MIN_WORK = 2**22
+"""...when the dense computation would cost more than this many multiply-adds."""
 
 
-class Decomposition(HookedRootModule):
-    """The target model (frozen, submodule ``model``) and C components of each decomposed weight.
+class Decomposition(DecompositionBase):
+    """APD: the target model (frozen, submodule ``model``) and C components of each decomposed weight.
 
     ``forward(x, mask=None)`` runs the model with every decomposed weight replaced by the sum of
     its (masked) components. Hooks: ``<weight>.hook_component_acts`` ([*batch, C, m]),
@@ -41,53 +48,37 @@ class Decomposition(HookedRootModule):
     the target model's own hooks under ``model.``.
     """
 
+    method: ClassVar[str] = "apd"
+    config_class: ClassVar[type] = APDConfig
+
     def __init__(self, model: nn.Module, specs: list[WeightSpec], config: APDConfig):
-        super().__init__()
-        validate_specs(model, specs)
-        self.config = config
-        self.specs = list(specs)
-        self.plan = HookPlan.from_specs(self.specs)
-        self.model = model
-        for p in model.parameters():
-            p.requires_grad_(False)
-        generator = torch.Generator().manual_seed(config.seed)
-        self._components: dict[str, ComponentWeight] = {}
-        for spec in self.specs:
-            matrix = spec.to_matrix(get_parameter(model, spec.name))
-            d_in, d_out = matrix.shape
-            rank = config.rank if config.rank is not None else min(d_in, d_out)
-            comp = ComponentWeight(
-                config.n_components, d_in, d_out, rank, len(spec.uses), config.init_scale, generator
-            ).to(device=matrix.device, dtype=matrix.dtype)
-            self._attach(spec.name, comp)
-            self._components[spec.name] = comp
-        names = [s.name for s in self.specs] + [u.bias for s in self.specs for u in s.uses if u.bias]
-        self._target_snapshot = {n: get_parameter(model, n).detach().clone() for n in dict.fromkeys(names)}
+        super().__init__(model, specs, config)
+        self._components: dict[str, ComponentWeight] = dict(self._weight_modules)
         self._feeds_of = self._feeds()
         self._fed_checks = 0
         self.hook_attributions = HookPoint()
         self.hook_mask = HookPoint()
-        self.loss_history: list[dict[str, float]] = []
         self.split_history: list = []
         """The component splits of training (:class:`apd_lens.methods.apd.splitting.Split`), if any."""
         self.vmap_failure: str | None = None
         """Why the model's forward could not be vmapped (then attributions use batched backward)."""
-        self.section_timer = None
-        """Optional callable(name) -> context manager, wrapped around each part of a step (benchmarks)."""
         self.setup()
 
-    def setup(self) -> None:
-        """Like HookedRootModule.setup, but the target's modules keep their own names (so the
-        target's caches and hooks still work on its own); they are listed under ``model.``."""
-        self.mod_dict, self.hook_dict = {}, {}
-        for name, module in self.named_modules():
-            if not name:
-                continue
-            if name != "model" and not name.startswith("model."):
-                module.name = name
-            self.mod_dict[name] = module
-            if isinstance(module, HookPoint):
-                self.hook_dict[name] = module
+    def make_weight_module(self, spec: WeightSpec, matrix: Tensor, generator: torch.Generator) -> ComponentWeight:
+        d_in, d_out = matrix.shape
+        cfg = self.config
+        rank = cfg.rank if cfg.rank is not None else min(d_in, d_out)
+        return ComponentWeight(cfg.n_components, d_in, d_out, rank, len(spec.uses), cfg.init_scale, generator)
+
+    def after_update(self) -> None:
+        """``unit_norm_A``: every column of every A back to unit norm after each update."""
+        if self.config.unit_norm_A:
+            for comp in self._components.values():
+                comp.normalize_A()
+
+    def training_callbacks(self, optimizer: torch.optim.Optimizer) -> dict[str, TrainingCallback]:
+        """The component splitter (active when ``split_every`` is set; not in the paper)."""
+        return {"splitter": ComponentSplitter(self, optimizer)}
 
     def _feeds(self) -> dict[tuple[str, int], list[str]]:
         """Per use that declares ``feeds``: the fed weights, checked to read the use's leaving width."""
@@ -115,22 +106,6 @@ class Decomposition(HookedRootModule):
         matrix = spec.to_matrix(get_parameter(self.model, name)).detach()
         return matrix.T if spec.uses[0].transposed else matrix
 
-    def _attach(self, dotted: str, comp: ComponentWeight) -> None:
-        """Register ``comp`` at the module path ``dotted`` so its hooks are named after the weight."""
-        parent: nn.Module = self
-        *path, last = dotted.split(".")
-        for part in path:
-            child = parent._modules.get(part)
-            if child is None:
-                if hasattr(parent, part):
-                    raise ValueError(f"weight name {dotted!r} clashes with attribute {part!r}")
-                child = nn.Module()
-                parent.add_module(part, child)
-            parent = child
-        if hasattr(parent, last):
-            raise ValueError(f"weight name {dotted!r} clashes with an existing attribute")
-        parent.add_module(last, comp)
-
     # ----------------------------------------------------------------- accessors
     @property
     def components(self) -> dict[str, ComponentWeight]:
@@ -141,17 +116,8 @@ class Decomposition(HookedRootModule):
     def n_components(self) -> int:
         return self.config.n_components
 
-    @property
-    def n_params(self) -> int:
-        """Number of decomposed parameters."""
-        return sum(get_parameter(self.model, s.name).numel() for s in self.specs)
-
     def component_parameters(self) -> list[nn.Parameter]:
         return [p for c in self._components.values() for p in (c.A, c.B)]
-
-    def target_matrices(self) -> dict[str, Tensor]:
-        """Weight name -> the target's ``[d_in, d_out]`` matrix."""
-        return {s.name: s.to_matrix(get_parameter(self.model, s.name)).detach() for s in self.specs}
 
     @torch.no_grad()
     def component_weights(self) -> dict[str, Float[Tensor, "C ..."]]:
@@ -162,44 +128,51 @@ class Decomposition(HookedRootModule):
             out[spec.name] = spec.from_matrix(self._components[spec.name].component_matrices(), shape)
         return out
 
-    def n_batch_dims(self, x: Tensor) -> int:
-        if self.config.n_batch_dims is not None:
-            return self.config.n_batch_dims
-        return x.ndim if not torch.is_floating_point(x) else max(x.ndim - 1, 1)
-
     # ----------------------------------------------------------------- passes
-    def check_input(self, x: Tensor) -> None:
-        """Refuse inputs that would give silently wrong results."""
-        if not isinstance(x, Tensor):
-            raise TypeError(f"expected a torch.Tensor batch, got {type(x).__name__}")
-        if x.numel() == 0:
-            raise ValueError(f"empty batch of shape {tuple(x.shape)}")
-        reference = next(iter(self._components.values())).A
-        if x.device != reference.device:
-            raise ValueError(f"the batch is on {x.device} but the model and components are on {reference.device}")
-        if torch.is_floating_point(x) and not torch.isfinite(x).all():
-            raise ValueError("the batch contains NaN or Inf values")
-        if torch.is_floating_point(x) and x.dtype != reference.dtype:
-            raise TypeError(f"the batch has dtype {x.dtype} but the model's weights are {reference.dtype}")
-
-    def check_target_unchanged(self, when: str = "") -> None:
-        """Raise if a decomposed weight or its bias changed since the decomposition was built."""
-        for name, saved in self._target_snapshot.items():
-            current = get_parameter(self.model, name).detach()
-            if current.shape != saved.shape or not torch.equal(current.to(saved.device), saved):
-                raise RuntimeError(
-                    f"parameter {name!r} of the target model changed during the decomposition{when}; "
-                    "the target must stay frozen (train or edit a copy)"
-                )
-
     def _forward(self, x: Tensor, **kw) -> PassRecord:
-        try:
-            return hooked_forward(self.model, x, self.plan, self.n_batch_dims(x), **kw)
-        except RuntimeError as err:
-            raise RuntimeError(
-                f"forward of {type(self.model).__name__} failed on a batch of shape {tuple(x.shape)} "
-                f"and dtype {x.dtype}: {err}"
-            ) from err
+        return self.hooked_pass(x, **kw)
+
+    def _replacement(self, mask: Tensor | None, detach: bool = False, sparse: bool | None = None):
+        """The engine's replacement for the component pass: each leaving activation becomes
+        ``sum_c mask[n, c] * (enter[n] @ P_c)`` (mask None: all components on). ``sparse``:
+        compute only the kept (data point, component) pairs (None: decide from the mask)."""
+        flat_mask = None if mask is None else mask.reshape(-1, mask.shape[-1])
+        density: list[float] = []  # computed on first need, once per forward
+
+        def use_sparse(comp: ComponentWeight, n_points: int, acts_hook) -> bool:
+            """Sparse path when asked, or (auto) when the mask is sparse, the dense work is large and
+            nobody hooks the inner activations (hooks need the dense [*, C, m] tensor)."""
+            if acts_hook._forward_hooks or acts_hook._backward_hooks:
+                return False
+            if sparse is not None:
+                return sparse
+            dense_work = n_points * comp.n_components * comp.rank * (comp.d_in + comp.d_out)
+            if dense_work <= SPARSE_MIN_WORK:
+                return False
+            if not density:
+                density.append(float((flat_mask != 0).float().mean()))
+            return density[0] < SPARSE_DENSITY
+
+        def replace(key: UseKey, enter: Tensor, leave: Tensor, batch_shape: tuple[int, ...]) -> Tensor:
+            name, i = key
+            transposed = self.specs_by_name[name].uses[i].transposed
+            comp = self._components[name]
+            acts_hook = comp.acts_hook(i)
+            if flat_mask is not None and use_sparse(comp, enter.shape[0], acts_hook):
+                out = comp.sparse_masked_output(enter, flat_mask, transposed, detach)
+            else:
+                inner = comp.inner_acts(enter, transposed, detach)
+                if flat_mask is not None:
+                    inner = inner * flat_mask[:, :, None].to(inner.dtype)
+                inner = acts_hook(inner.reshape(*batch_shape, *inner.shape[1:]))
+                inner = inner.reshape(-1, *inner.shape[len(batch_shape) :])
+                out = comp.summed_outer(inner, transposed, detach)
+            if out.shape[-1] != leave[(0,) * len(batch_shape)].numel():
+                return out  # the engine names the mismatch
+            out = out.reshape(leave.shape)
+            return comp.hook_component_out(out) if i == 0 else out
+
+        return replace
 
     def target_pass(self, x: Tensor, make_leaves: bool = True) -> PassRecord:
         """Forward of the unchanged target, recording entering and leaving activations."""
@@ -218,7 +191,7 @@ class Decomposition(HookedRootModule):
             if record is None:
                 self.check_input(x)
             with torch.enable_grad():
-                record = self._forward(x, components=self._components, make_leaves=True, detach_components=True)
+                record = self._forward(x, replace=self._replacement(None, detach=True), make_leaves=True)
         flat = self.attribution_values(record, generator, x)
         return self.hook_attributions(flat.detach().reshape(*record.batch_shape, -1))
 
@@ -327,7 +300,7 @@ class Decomposition(HookedRootModule):
             expected = (*tuple(x.shape[: self.n_batch_dims(x)]), self.n_components)
             if tuple(mask.shape) != expected:
                 raise ValueError(f"mask must have shape {expected}, got {tuple(mask.shape)}")
-        return self._forward(x, components=self._components, mask=mask, act_hooks=act_hooks)
+        return self._forward(x, replace=self._replacement(mask), act_hooks=act_hooks)
 
     def forward(self, x: Tensor, mask: Tensor | str | None = None) -> Tensor:
         """Output of the component model (all components on when ``mask`` is None).
@@ -385,22 +358,8 @@ class Decomposition(HookedRootModule):
             return self.topk_mask(x) > 0
         return per_example_topk_mask(self.attributions(x), k) > 0
 
-    # ----------------------------------------------------------------- save / load
-    def save(self, path: str | Path) -> Path:
-        """Save to the directory ``path``: ``cfg.json`` and ``components.safetensors``."""
-        from apd_lens.io import save_decomposition
-
-        return save_decomposition(self, path)
-
-    @classmethod
-    def load(cls, path: str | Path, model: nn.Module, *, check_values: bool = True) -> Decomposition:
-        """Load a saved decomposition onto ``model``, checking that it fits (see ``apd_lens.io``)."""
-        from apd_lens.io import load_decomposition
-
-        return load_decomposition(path, model, check_values=check_values)
-
     # ----------------------------------------------------------------- losses
-    def losses(self, x: Tensor, generator: torch.Generator | None = None) -> dict[str, Tensor]:
+    def losses(self, x: Tensor, generator: torch.Generator | None = None, step: int | None = None) -> dict[str, Tensor]:
         """All loss terms of one APD step on batch ``x`` and their weighted ``total``."""
         cfg = self.config
         self.check_input(x)

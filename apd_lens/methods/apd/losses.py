@@ -1,9 +1,9 @@
-"""The APD loss terms, with the spec's normalizations."""
+"""The APD loss terms, with the spec's normalizations (the output distance and activation
+reconstruction, shared with every method, live in :mod:`apd_lens.engine.losses`)."""
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor
 
@@ -85,30 +85,3 @@ class _ParameterLosses(torch.autograd.Function):
             if ctx.needs_input_grad[3]:
                 grad_counts = grad[1] * per_rank.sum(-1)
         return None, grad_a, grad_b, grad_counts, None
-
-
-def output_loss(output: Tensor, target: Tensor, kind: str = "mse") -> Tensor:
-    """Distance of the masked output to the target output: mean squared error, or the KL
-    divergence KL(target || output) of the softmax over the last dim, averaged over positions."""
-    if kind == "mse":
-        return (output - target).square().mean()
-    if kind == "kl":
-        logp = F.log_softmax(output, dim=-1)
-        logq = F.log_softmax(target, dim=-1)
-        return (logq.exp() * (logq - logp)).sum(-1).mean()
-    raise ValueError(f"unknown output loss {kind!r}: use 'mse' or 'kl'")
-
-
-def activation_recon_loss(acts: dict[str, Tensor], targets: dict[str, Tensor], n_batch_dims: int) -> Tensor:
-    """Squared error at the chosen hooks summed over hooks and widths, divided by the total
-    width, averaged over data points."""
-    if not acts:
-        raise ValueError("activation reconstruction needs at least one hook")
-    total_width = 0
-    total = None
-    for name, act in acts.items():
-        width = act[(0,) * n_batch_dims].numel()
-        total_width += width
-        err = (act - targets[name]).square().reshape(*act.shape[:n_batch_dims], -1).sum(-1)
-        total = err if total is None else total + err
-    return total.mean() / total_width

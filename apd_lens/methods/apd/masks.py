@@ -6,6 +6,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from apd_lens.training.distributed import gather_batches, local_part, world_size
+
 
 def batch_topk_mask(attributions: Float[Tensor, "*batch C"], k: float) -> Float[Tensor, "*batch C"]:
     """Keep the ``int(k * n_points)`` largest (data point, component) scores of the whole batch.
@@ -32,3 +34,11 @@ def per_example_topk_mask(attributions: Float[Tensor, "*batch C"], k: float) -> 
         raise ValueError(f"per-example top-k must be a whole number in [1, C={n_components}], got {k}")
     idx = attributions.topk(int(k), dim=-1, sorted=False).indices
     return torch.zeros_like(attributions).scatter_(-1, idx, 1.0)
+
+
+def global_batch_topk_mask(attributions: Float[Tensor, "*batch C"], k: float) -> Float[Tensor, "*batch C"]:
+    """Batch top-k over the attributions of all ranks of a distributed run together; returns this
+    rank's part of the mask (plain batch top-k when not distributed)."""
+    if world_size() == 1:
+        return batch_topk_mask(attributions, k)
+    return local_part(batch_topk_mask(gather_batches(attributions), k), attributions.shape[0])

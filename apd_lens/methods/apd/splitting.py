@@ -261,7 +261,17 @@ class ComponentSplitter:
                 splits.append(Split(done, source, target, float(counts[source]) / max(n_points, 1), median))
             for comp in self.decomposition.components.values():
                 distributed.broadcast_module(comp)  # every rank continues from rank 0's split
+        for split in splits:
+            logger.info(
+                "step %d: split component %d (active on %.3g of points, reference rate %.3g) into unused %d",
+                split.step,
+                split.source,
+                split.source_rate,
+                split.median_rate,
+                split.target,
+            )
         self.history.extend(splits)
+        self.decomposition.split_history = list(self.history)
         self.counts.zero_()
         self.n_points = 0
         self.recent = []
@@ -326,3 +336,4 @@ class ComponentSplitter:
         device = next(iter(self.decomposition.components.values())).A.device
         self.recent = [x.to(device) for x in state.get("recent", [])]
         self.history = [Split(**s) for s in state["history"]]
+        self.decomposition.split_history = list(self.history)

@@ -1,0 +1,139 @@
+"""SPDConfig: every setting of a stochastic parameter decomposition, validated, serializable."""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+from typing import ClassVar
+
+from apd_lens.engine.config import OUTPUT_LOSSES, DecompositionConfig
+from apd_lens.methods.spd.causal_importance import CI_FN_KINDS
+
+SAMPLINGS = ("continuous", "binomial")
+LOSS_COEFFS = (
+    "faithfulness_coeff",
+    "stochastic_recon_coeff",
+    "stochastic_recon_layerwise_coeff",
+    "importance_minimality_coeff",
+    "act_recon_coeff",
+)
+
+
+@dataclass
+class SPDConfig(DecompositionConfig):
+    """Settings of an SPD decomposition (Bushnaq, Braun, Sharkey et al. 2025). Defaults are the
+    paper's generic ones; the toy models carry their own in ``model.spd_default_config()``. The
+    shared fields (weights, steps, batch_size, lr, seed, ...) are keyword-only, from
+    :class:`~apd_lens.engine.config.DecompositionConfig`."""
+
+    method: ClassVar[str] = "spd"
+
+    n_subcomponents: int | dict[str, int] = 100
+    """C, rank-one subcomponents per decomposed weight: one number for all, or a dict from fnmatch
+    pattern of the weight's name to C (the first matching pattern wins; every weight must match)."""
+    use_delta_component: bool = True
+    """Add the residual ``W - V U`` with its own uniform random mask per data point to every masked
+    weight (the reference code's default), so the masked model can equal the target exactly."""
+    ci_fn: str = "mlp"
+    """Causal-importance function: ``"mlp"`` (one tiny MLP per subcomponent on its inner activation,
+    the paper's), ``"vector_mlp"`` (one MLP per subcomponent on the whole input), ``"shared_mlp"``
+    (one MLP per weight use mapping the input to all C)."""
+    ci_hidden: int = 16
+    """Hidden GELU units of the CI functions (d_gate)."""
+    sampling: str = "continuous"
+    """Mask sources r: ``"continuous"`` U(0, 1), ``"binomial"`` Bernoulli(1/2)."""
+    n_mask_samples: int = 1
+    """S, the number of mask samples per step for the stochastic losses."""
+    faithfulness_coeff: float = 1.0
+    stochastic_recon_coeff: float = 1.0
+    stochastic_recon_layerwise_coeff: float = 1.0
+    importance_minimality_coeff: float = 1e-4
+    importance_p: float = 2.0
+    """p of the importance-minimality penalty ``sum |g_upper|^p``."""
+    p_anneal_final: float | None = None
+    """Anneal p linearly to this value (None: no annealing) ..."""
+    p_anneal_start_frac: float = 1.0
+    """... from this fraction of training ..."""
+    p_anneal_end_frac: float = 1.0
+    """... to this one."""
+    importance_eps: float = 1e-12
+    """Added to the CI before the power p."""
+    act_recon_coeff: float = 0.0
+    """Stochastic reconstruction of the activations at ``act_recon_hooks`` (0: off)."""
+    act_recon_hooks: tuple[str, ...] = ()
+    output_loss: str = "mse"
+    """Distance of the masked model's output to the target's: ``"mse"`` or ``"kl"`` (logits)."""
+    faithfulness_warmup_steps: int = 200
+    """Steps of faithfulness alone (AdamW over V and U) before the main run; 0: none."""
+    faithfulness_warmup_lr: float = 0.01
+    faithfulness_warmup_weight_decay: float = 0.1
+
+    def problems(self) -> list[str]:
+        problems = super().problems()
+        counts = self.n_subcomponents.values() if isinstance(self.n_subcomponents, dict) else [self.n_subcomponents]
+        if isinstance(self.n_subcomponents, dict) and not self.n_subcomponents:
+            problems.append("n_subcomponents (C) is an empty dict: give one C or at least one pattern -> C")
+        for c in counts:
+            if isinstance(c, bool) or not isinstance(c, int) or c < 1:
+                problems.append(f"n_subcomponents (C) must be integers >= 1, got {self.n_subcomponents!r}")
+                break
+        if self.ci_fn not in CI_FN_KINDS:
+            problems.append(f"ci_fn must be one of {CI_FN_KINDS}, got {self.ci_fn!r}")
+        if isinstance(self.ci_hidden, bool) or not isinstance(self.ci_hidden, int) or self.ci_hidden < 1:
+            problems.append(f"ci_hidden must be an integer >= 1, got {self.ci_hidden!r}")
+        if self.sampling not in SAMPLINGS:
+            problems.append(f"sampling must be one of {SAMPLINGS}, got {self.sampling!r}")
+        if not isinstance(self.n_mask_samples, int) or self.n_mask_samples < 1:
+            problems.append(f"n_mask_samples (S) must be an integer >= 1, got {self.n_mask_samples!r}")
+        for name in LOSS_COEFFS:
+            if not getattr(self, name) >= 0:
+                problems.append(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not self.importance_p > 0:
+            problems.append(f"importance_p must be > 0, got {self.importance_p}")
+        if self.p_anneal_final is not None and not self.p_anneal_final > 0:
+            problems.append(f"p_anneal_final must be None or > 0, got {self.p_anneal_final}")
+        if not 0 <= self.p_anneal_start_frac <= self.p_anneal_end_frac <= 1:
+            problems.append(
+                "p annealing needs 0 <= p_anneal_start_frac <= p_anneal_end_frac <= 1, got "
+                f"{self.p_anneal_start_frac} and {self.p_anneal_end_frac}"
+            )
+        if not self.importance_eps >= 0:
+            problems.append(f"importance_eps must be >= 0, got {self.importance_eps}")
+        if self.act_recon_coeff > 0 and not self.act_recon_hooks:
+            problems.append("act_recon_coeff > 0 needs act_recon_hooks (the hooks to reconstruct)")
+        if self.output_loss not in OUTPUT_LOSSES:
+            problems.append(f"output_loss must be one of {OUTPUT_LOSSES}, got {self.output_loss!r}")
+        if not isinstance(self.faithfulness_warmup_steps, int) or self.faithfulness_warmup_steps < 0:
+            problems.append(
+                f"faithfulness_warmup_steps must be an integer >= 0, got {self.faithfulness_warmup_steps!r}"
+            )
+        if not self.faithfulness_warmup_lr > 0:
+            problems.append(f"faithfulness_warmup_lr must be > 0, got {self.faithfulness_warmup_lr}")
+        if not self.faithfulness_warmup_weight_decay >= 0:
+            problems.append(
+                f"faithfulness_warmup_weight_decay must be >= 0, got {self.faithfulness_warmup_weight_decay}"
+            )
+        return problems
+
+    def subcomponents_for(self, weight: str) -> int:
+        """C of the weight called ``weight``."""
+        if not isinstance(self.n_subcomponents, dict):
+            return self.n_subcomponents
+        for pattern, c in self.n_subcomponents.items():
+            if fnmatch.fnmatchcase(weight, pattern):
+                return c
+        raise KeyError(
+            f"n_subcomponents gives no C for weight {weight!r}: none of the patterns {list(self.n_subcomponents)} "
+            "matches it (add one, e.g. '*': C)"
+        )
+
+    def importance_p_at(self, progress: float) -> float:
+        """p of the importance penalty at ``progress`` (fraction of training done)."""
+        if self.p_anneal_final is None or progress < self.p_anneal_start_frac:
+            return self.importance_p
+        if progress >= self.p_anneal_end_frac:
+            return self.p_anneal_final
+        span = self.p_anneal_end_frac - self.p_anneal_start_frac
+        return (
+            self.importance_p + (self.p_anneal_final - self.importance_p) * (progress - self.p_anneal_start_frac) / span
+        )

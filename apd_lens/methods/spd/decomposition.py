@@ -1,0 +1,321 @@
+"""SPDDecomposition: stochastic parameter decomposition through the model's own hooks.
+
+Every decomposed weight gets C rank-one subcomponents (:class:`Subcomponents`); every use of it
+(a "site": a tied weight such as TMS's ``W`` has two) gets a causal-importance function and its own
+masks. One training step:
+
+1. target pass through the hooks, recording each use's entering activation (no graph);
+2. causal importances ``g = σ_lower(γ(h))`` per site from those activations (``h = a V`` for the
+   per-subcomponent MLPs), and ``σ_upper`` of the same for the penalty;
+3. ``S`` times: masks ``m = g + (1 - g) r``; one masked pass with every site masked (stochastic
+   recon) and one per site with only that site masked, the others at the target (layerwise);
+   masked passes replace each leaving activation by ``((a V) ⊙ m) U (+ r_Δ a Δ) + bias`` with the
+   entering activation ``a`` read live;
+4. faithfulness ``Σ ||W - V U||² / N`` and importance minimality ``Σ_sites Σ_c mean_n (g_upper + ε)^p``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Mapping
+from typing import ClassVar
+
+import torch
+from jaxtyping import Float
+from torch import Tensor, nn
+
+from apd_lens.engine.base import DecompositionBase
+from apd_lens.engine.hooked_forward import PassRecord, Replacement, UseKey
+from apd_lens.engine.losses import activation_recon_loss, output_loss
+from apd_lens.engine.spec import WeightSpec, get_parameter
+from apd_lens.methods.spd.config import SPDConfig
+from apd_lens.methods.spd.losses import (
+    delta_masks,
+    faithfulness_loss,
+    importance_minimality_loss,
+    stochastic_masks,
+)
+from apd_lens.methods.spd.sigmoids import lower_leaky_hard_sigmoid, upper_leaky_hard_sigmoid
+from apd_lens.methods.spd.subcomponents import Subcomponents
+
+CI_L0_THRESHOLD = 0.1
+"""A subcomponent counts as active on a data point (CI L0, logged per site) above this CI."""
+
+
+def site_name(key: UseKey) -> str:
+    """The name of one use of a weight: the weight's name for its first use, ``"<weight>:use<i>"``
+    for the further uses of a tied weight."""
+    name, i = key
+    return name if i == 0 else f"{name}:use{i}"
+
+
+class SPDDecomposition(DecompositionBase):
+    """SPD: the target model (frozen, submodule ``model``) and C rank-one subcomponents per decomposed
+    weight, each use of a weight with its own causal-importance function.
+
+    ``forward(x, masks=None)``: the model with every decomposed weight replaced by its (masked)
+    subcomponents; ``masks`` a dict site -> [*batch, C], ``"ci"`` (the causal importances as masks)
+    or ``"stochastic"`` (sampled masks). Hooks: ``<weight>.hook_ci`` and
+    ``<weight>.hook_subcomponent_acts`` ([*batch, C]; ``_use<i>`` for a tied weight's further uses),
+    and the target model's own hooks under ``model.``.
+    """
+
+    method: ClassVar[str] = "spd"
+    config_class: ClassVar[type] = SPDConfig
+
+    def __init__(self, model: nn.Module, specs: list[WeightSpec], config: SPDConfig):
+        super().__init__(model, specs, config)
+        self._subcomponents: dict[str, Subcomponents] = dict(self._weight_modules)
+        self.site_keys: list[UseKey] = [(s.name, i) for s in self.specs for i in range(len(s.uses))]
+        self._key_of = {site_name(k): k for k in self.site_keys}
+        self._last_ci_l0: dict[str, Tensor] = {}
+        self.setup()
+
+    def make_weight_module(self, spec: WeightSpec, matrix: Tensor, generator: torch.Generator) -> Subcomponents:
+        cfg = self.config
+        d_in, d_out = matrix.shape
+        transposed = tuple(u.transposed for u in spec.uses)
+        n = cfg.subcomponents_for(spec.name)
+        return Subcomponents(n, d_in, d_out, transposed, cfg.ci_fn, cfg.ci_hidden, generator)
+
+    # ------------------------------------------------------------------ accessors
+    @property
+    def subcomponents(self) -> dict[str, Subcomponents]:
+        """Weight name -> its Subcomponents module."""
+        return dict(self._subcomponents)
+
+    @property
+    def sites(self) -> list[str]:
+        """The names under which masks and causal importances are given: one per use of each weight."""
+        return [site_name(k) for k in self.site_keys]
+
+    def n_subcomponents(self, name: str) -> int:
+        """C of a weight or site."""
+        weight = self._key_of[name][0] if name in self._key_of else name
+        return self._subcomponents[weight].n_subcomponents
+
+    def _transposed(self, key: UseKey) -> bool:
+        return self.specs_by_name[key[0]].uses[key[1]].transposed
+
+    @torch.no_grad()
+    def subcomponent_weights(self) -> dict[str, Float[Tensor, "C ..."]]:
+        """Weight name -> every subcomponent ``V[:, c] ⊗ U[c, :]`` in the parameter's own shape: [C, *shape]."""
+        out = {}
+        for spec in self.specs:
+            shape = get_parameter(self.model, spec.name).shape
+            out[spec.name] = spec.from_matrix(self._subcomponents[spec.name].subcomponent_matrices(), shape)
+        return out
+
+    def summed_matrices(self) -> dict[str, Tensor]:
+        """Weight name -> ``V @ U`` (with gradients)."""
+        return {name: sub.weight() for name, sub in self._subcomponents.items()}
+
+    # ------------------------------------------------------------------ causal importance
+    def _ci_pre_sigmoid(self, enters: Mapping[UseKey, Tensor]) -> dict[UseKey, Float[Tensor, "n C"]]:
+        out = {}
+        for key in self.site_keys:
+            sub = self._subcomponents[key[0]]
+            fn = sub.ci_fns[key[1]]
+            enter = enters[key]
+            out[key] = fn(sub.inner_acts(enter, self._transposed(key)) if fn.reads == "inner" else enter)
+        return out
+
+    def _hooked_ci(self, ci: dict[UseKey, Tensor], batch_shape: tuple[int, ...]) -> dict[UseKey, Tensor]:
+        """The lower-leaky CI of each site through its ``hook_ci`` (shaped [*batch, C] there)."""
+        out = {}
+        for key, g in ci.items():
+            hook = self._subcomponents[key[0]].hook("hook_ci", key[1])
+            out[key] = hook(g.reshape(*batch_shape, g.shape[-1])).reshape(g.shape)
+        return out
+
+    def causal_importances(self, x: Tensor) -> dict[str, Float[Tensor, "*batch C"]]:
+        """Site -> the causal importances (lower-leaky hard sigmoid, in [0, 1]) of every subcomponent on
+        every data point of ``x``."""
+        self.check_input(x)
+        with torch.no_grad():
+            record = self.hooked_pass(x)
+            pre = self._ci_pre_sigmoid(record.enters)
+            ci = self._hooked_ci({k: lower_leaky_hard_sigmoid(z) for k, z in pre.items()}, record.batch_shape)
+        return {site_name(k): g.reshape(*record.batch_shape, -1) for k, g in ci.items()}
+
+    # ------------------------------------------------------------------ masked passes
+    def _replacement(
+        self,
+        masks: Mapping[UseKey, Tensor] | None,
+        deltas: Mapping[str, Tensor] | None,
+        delta_mask: Mapping[UseKey, Tensor] | None,
+        others_at_target: bool,
+    ) -> Replacement:
+        """The engine's replacement for a masked pass. Sites in ``masks`` ([n, C] each) are masked;
+        the others (all of them when ``masks`` is None) have every subcomponent on, or, with
+        ``others_at_target``, keep the model's own weight. ``deltas`` (weight -> ``W - V U``): add
+        the delta component, times ``delta_mask[site]`` ([n]) where given, else fully."""
+
+        def replace(key: UseKey, enter: Tensor, leave: Tensor, batch_shape: tuple[int, ...]) -> Tensor | None:
+            mask = None if masks is None else masks.get(key)
+            if mask is None and masks is not None and others_at_target:
+                return None
+            sub = self._subcomponents[key[0]]
+            transposed = self._transposed(key)
+            inner = sub.inner_acts(enter, transposed)
+            if mask is not None:
+                inner = inner * mask
+            hook = sub.hook("hook_subcomponent_acts", key[1])
+            inner = hook(inner.reshape(*batch_shape, inner.shape[-1])).reshape(inner.shape)
+            out = sub.outer(inner, transposed)
+            if deltas is not None:
+                delta = deltas[key[0]]
+                delta_out = enter @ (delta.T if transposed else delta)
+                weight = None if delta_mask is None else delta_mask.get(key)
+                out = out + (delta_out if weight is None else weight[:, None] * delta_out)
+            return out
+
+        return replace
+
+    def _deltas(self) -> dict[str, Tensor] | None:
+        if not self.config.use_delta_component:
+            return None
+        targets = self.target_matrices()
+        return {name: targets[name] - sub.weight() for name, sub in self._subcomponents.items()}
+
+    def _site_masks(self, masks: Mapping[str, Tensor], batch_shape: tuple[int, ...]) -> dict[UseKey, Tensor]:
+        """User masks (site name -> [*batch, C]) checked and flattened to [n, C]."""
+        if not isinstance(masks, Mapping):
+            raise TypeError(f"masks must be a dict of site name -> [*batch, C] tensor, got {type(masks).__name__}")
+        out = {}
+        for name, mask in masks.items():
+            if name not in self._key_of:
+                raise KeyError(
+                    f"masks names {name!r}, which is not a decomposed weight use; the sites are {self.sites}"
+                )
+            expected = (*batch_shape, self.n_subcomponents(name))
+            if not isinstance(mask, Tensor) or tuple(mask.shape) != expected:
+                got = tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__
+                raise ValueError(f"mask of {name!r} must have shape {expected} ([*batch, C]), got {got}")
+            out[self._key_of[name]] = mask.reshape(-1, expected[-1])
+        return out
+
+    def forward_with_masks(
+        self,
+        x: Tensor,
+        masks: Mapping[str, Tensor] | None = None,
+        *,
+        delta_masks: Mapping[str, Tensor] | None = None,
+        act_hooks=(),
+    ) -> PassRecord:
+        """Forward with each named site's weight replaced by ``Σ_c m[n, c] V[:, c] ⊗ U[c, :]`` per data
+        point; sites not named (all, when ``masks`` is None) have every subcomponent on. With the delta
+        component, ``W - V U`` is added fully, or times ``delta_masks[site]`` ([*batch]) where given.
+        Returns the pass (``.output``, entering and leaving activations)."""
+        self.check_input(x)
+        batch_shape = tuple(x.shape[: self.n_batch_dims(x)])
+        site_masks = None if masks is None else self._site_masks(masks, batch_shape)
+        flat_delta = None
+        if delta_masks is not None:
+            flat_delta = {}
+            for name, m in delta_masks.items():
+                if name not in self._key_of:
+                    raise KeyError(f"delta_masks names {name!r}, not a site; the sites are {self.sites}")
+                if tuple(m.shape) != batch_shape:
+                    raise ValueError(f"delta mask of {name!r} must have shape {batch_shape}, got {tuple(m.shape)}")
+                flat_delta[self._key_of[name]] = m.reshape(-1)
+        replace = self._replacement(site_masks, self._deltas(), flat_delta, others_at_target=False)
+        return self.hooked_pass(x, replace=replace, act_hooks=act_hooks)
+
+    def forward(self, x: Tensor, masks: Mapping[str, Tensor] | str | None = None) -> Tensor:
+        """Output with masked subcomponents: ``masks`` a dict site -> [*batch, C], None (every
+        subcomponent on), ``"ci"`` (the causal importances of ``x`` as masks) or ``"stochastic"``
+        (``g + (1 - g) r``, one sample)."""
+        if isinstance(masks, str):
+            if masks not in ("ci", "stochastic"):
+                raise ValueError(f'masks must be a dict, None, "ci" or "stochastic", got {masks!r}')
+            ci = self.causal_importances(x)
+            if masks == "stochastic":
+                flat = stochastic_masks({k: v.reshape(-1, v.shape[-1]) for k, v in ci.items()}, self.config.sampling)
+                masks = {k: flat[k].reshape(ci[k].shape) for k in ci}
+            else:
+                masks = ci
+        return self.forward_with_masks(x, masks).output
+
+    # ------------------------------------------------------------------ training
+    def before_training(self) -> None:
+        """The faithfulness warm-up: ``faithfulness_warmup_steps`` of ``Σ ||W - V U||² / N`` alone
+        (AdamW over V and U, its own lr and weight decay)."""
+        cfg = self.config
+        if cfg.faithfulness_warmup_steps == 0:
+            return
+        params = [p for sub in self._subcomponents.values() for p in (sub.V, sub.U)]
+        optimizer = torch.optim.AdamW(
+            params, lr=cfg.faithfulness_warmup_lr, weight_decay=cfg.faithfulness_warmup_weight_decay
+        )
+        targets = self.target_matrices()
+        for _ in range(cfg.faithfulness_warmup_steps):
+            optimizer.zero_grad(set_to_none=True)
+            faithfulness_loss(targets, self.summed_matrices()).backward()
+            optimizer.step()
+
+    def losses(self, x: Tensor, generator: torch.Generator | None = None, step: int | None = None) -> dict[str, Tensor]:
+        """All loss terms of one SPD step on batch ``x`` and their weighted ``total``. ``generator``:
+        the mask sources' random draws; ``step``: the step (for p annealing; None: the end of training)."""
+        cfg = self.config
+        self.check_input(x)
+        section = self.section_timer or (lambda name: contextlib.nullcontext())
+        with section("target_forward"), torch.no_grad():
+            target = self.hooked_pass(x, act_hooks=cfg.act_recon_hooks)
+        target_out = target.output.detach()
+        with section("causal_importance"):
+            pre = self._ci_pre_sigmoid(target.enters)
+            ci = self._hooked_ci({k: lower_leaky_hard_sigmoid(z) for k, z in pre.items()}, target.batch_shape)
+            ci_upper = {k: upper_leaky_hard_sigmoid(z) for k, z in pre.items()}
+        with section("faithfulness"):
+            targets = self.target_matrices()
+            sums = self.summed_matrices()
+            deltas = {n: targets[n] - sums[n] for n in targets} if cfg.use_delta_component else None
+            terms = {"faithfulness": faithfulness_loss(targets, sums)}
+        n_points = next(iter(ci.values())).shape[0]
+        recon, layerwise, act_recon = [], [], []
+        for _ in range(cfg.n_mask_samples):
+            with section("masks"):
+                masks = stochastic_masks(ci, cfg.sampling, generator)
+                like = next(iter(ci.values()))
+                dmasks = delta_masks(self.site_keys, n_points, like, generator) if deltas else None
+            if cfg.stochastic_recon_coeff > 0 or cfg.act_recon_coeff > 0:
+                with section("masked_forward"):
+                    rec = self.hooked_pass(
+                        x, replace=self._replacement(masks, deltas, dmasks, False), act_hooks=cfg.act_recon_hooks
+                    )
+                    recon.append(output_loss(rec.output, target_out, cfg.output_loss))
+                    if cfg.act_recon_hooks:
+                        targets_acts = {k: v.detach() for k, v in target.acts.items()}
+                        act_recon.append(activation_recon_loss(rec.acts, targets_acts, len(target.batch_shape)))
+            if cfg.stochastic_recon_layerwise_coeff > 0:
+                with section("layerwise_forward"):
+                    for key in self.site_keys:
+                        one = {key: masks[key]}
+                        rec = self.hooked_pass(x, replace=self._replacement(one, deltas, dmasks, True))
+                        layerwise.append(output_loss(rec.output, target_out, cfg.output_loss))
+        with section("losses"):
+            zero = terms["faithfulness"] * 0
+            terms["stochastic_recon"] = torch.stack(recon).mean() if recon else zero
+            terms["stochastic_recon_layerwise"] = torch.stack(layerwise).mean() if layerwise else zero
+            progress = 1.0 if step is None else step / max(cfg.steps, 1)
+            p = cfg.importance_p_at(progress)
+            terms["importance_minimality"] = importance_minimality_loss(ci_upper, p, cfg.importance_eps)
+            total = (
+                cfg.faithfulness_coeff * terms["faithfulness"]
+                + cfg.stochastic_recon_coeff * terms["stochastic_recon"]
+                + cfg.stochastic_recon_layerwise_coeff * terms["stochastic_recon_layerwise"]
+                + cfg.importance_minimality_coeff * terms["importance_minimality"]
+            )
+            if cfg.act_recon_hooks:
+                terms["act_recon"] = torch.stack(act_recon).mean() if act_recon else zero
+                total = total + cfg.act_recon_coeff * terms["act_recon"]
+            terms["total"] = total
+            self._last_ci_l0 = {
+                f"ci_l0/{site_name(k)}": (g.detach() > CI_L0_THRESHOLD).sum(-1).float().mean() for k, g in ci.items()
+            }
+        return terms
+
+    def log_values(self, terms: dict[str, Tensor]) -> dict[str, Tensor]:
+        """CI L0 per site (mean number of subcomponents with CI > 0.1 per data point) of the last step."""
+        return dict(self._last_ci_l0)

@@ -1,0 +1,61 @@
+"""SPD's loss terms and mask sampling, with the spec's normalizations.
+
+The output distance and activation reconstruction are shared with every method
+(:mod:`apd_lens.engine.losses`); the stochastic reconstruction losses are those distances on
+masked passes (see :meth:`~apd_lens.methods.spd.decomposition.SPDDecomposition.losses`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from apd_lens.training.distributed import local_part, world_size
+
+
+def faithfulness_loss(targets: dict[str, Tensor], sums: dict[str, Tensor]) -> Tensor:
+    """``sum_l ||W_l - V_l U_l||^2`` divided by the number of decomposed parameters."""
+    n_params = sum(w.numel() for w in targets.values())
+    return sum((targets[name] - sums[name]).square().sum() for name in targets) / n_params
+
+
+def importance_minimality_loss(ci_upper: dict[Hashable, Float[Tensor, "n C"]], p: float, eps: float) -> Tensor:
+    """``sum_sites sum_c mean_n (g_upper[n, c] + eps)^p``: summed over subcomponents and weight uses,
+    averaged over data points (not over layers, as the reference)."""
+    return sum((g + eps).pow(p).sum(-1).mean() for g in ci_upper.values())
+
+
+def _uniform(shape: tuple[int, ...], like: Tensor, generator: torch.Generator | None) -> Tensor:
+    """U(0, 1) draws of ``shape`` for this rank's rows: drawn for the global batch of a distributed
+    run (so that it means the same as one process) and cut to this rank's part."""
+    n = world_size()
+    full = (shape[0] * n, *shape[1:])
+    if generator is None:
+        draws = torch.rand(full, device=like.device, dtype=like.dtype)
+    else:
+        draws = torch.rand(full, generator=generator, dtype=like.dtype, device=generator.device).to(like.device)
+    return local_part(draws, shape[0]) if n > 1 else draws
+
+
+def stochastic_masks(
+    ci: dict[Hashable, Float[Tensor, "n C"]], sampling: str, generator: torch.Generator | None = None
+) -> dict[Hashable, Float[Tensor, "n C"]]:
+    """``m = g + (1 - g) r`` per data point and subcomponent, ``r`` ~ U(0, 1) (``"continuous"``) or
+    Bernoulli(1/2) (``"binomial"``)."""
+    masks = {}
+    for key, g in ci.items():
+        r = _uniform(tuple(g.shape), g, generator)
+        if sampling == "binomial":
+            r = (r < 0.5).to(g.dtype)
+        masks[key] = g + (1 - g) * r
+    return masks
+
+
+def delta_masks(
+    keys: list[Hashable], n_points: int, like: Tensor, generator: torch.Generator | None = None
+) -> dict[Hashable, Float[Tensor, " n"]]:
+    """One U(0, 1) mask per data point for each use's delta component."""
+    return {key: _uniform((n_points,), like, generator) for key in keys}
