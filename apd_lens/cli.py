@@ -3,6 +3,7 @@
     apd-lens train-target tms-5-2 --out runs/tms52/target
     apd-lens decompose runs/tms52/target --out runs/tms52/apd --checkpoint-every 1000
     apd-lens decompose runs/tms52/target --out runs/tms52/apd --resume     # after an interruption
+    apd-lens decompose runs/tms52/target --out runs/tms52/spd --method spd # SPD instead of APD
     apd-lens report runs/tms52/apd                                         # metrics.json + figures
 
 Every command has ``--help``.
@@ -24,8 +25,9 @@ import torch
 from safetensors.torch import save as st_save
 from torch import nn
 
+from apd_lens.engine.config import DecompositionConfig
 from apd_lens.io import apd_lens_version, atomic_write_bytes, read_tensors
-from apd_lens.methods.apd.config import APDConfig
+from apd_lens.methods import METHODS, get_method
 
 TARGET_FILE = "target.json"
 TARGET_WEIGHTS = "model.safetensors"
@@ -47,11 +49,11 @@ class TargetKind:
     train_batch: int
 
 
-def _tms(n_features: int, n_hidden: int, steps: int, batch: int) -> TargetKind:
+def _tms(n_features: int, n_hidden: int, steps: int, batch: int, identity: bool = False) -> TargetKind:
     from apd_lens.models.tms import TMS, TMSData, train_tms
 
     return TargetKind(
-        build=lambda seed: TMS(n_features, n_hidden, seed=seed),
+        build=lambda seed: TMS(n_features, n_hidden, seed=seed, identity=identity),
         train=train_tms,
         data=lambda model, batch_size, seed: TMSData(model.n_features, batch_size, seed=seed),
         train_steps=steps,
@@ -76,6 +78,8 @@ def _resid_mlp(n_layers: int) -> TargetKind:
 TARGETS: dict[str, Callable[[], TargetKind]] = {
     "tms-5-2": lambda: _tms(5, 2, 5000, 1024),
     "tms-40-10": lambda: _tms(40, 10, 2000, 2048),
+    "tms-5-2-id": lambda: _tms(5, 2, 5000, 1024, identity=True),
+    "tms-40-10-id": lambda: _tms(40, 10, 2000, 2048, identity=True),
     "resid-mlp-1": lambda: _resid_mlp(1),
     "resid-mlp-2": lambda: _resid_mlp(2),
 }
@@ -135,7 +139,7 @@ def _parse_set(items: list[str]) -> dict[str, Any]:
     return changes
 
 
-def _build_config(model: nn.Module, args: argparse.Namespace) -> APDConfig:
+def _build_config(model: nn.Module, args: argparse.Namespace) -> DecompositionConfig:
     from apd_lens.training.loop import default_config
 
     changes = _parse_set(args.set)
@@ -143,10 +147,11 @@ def _build_config(model: nn.Module, args: argparse.Namespace) -> APDConfig:
         if getattr(args, field) is not None:
             changes[field] = getattr(args, field)
     changes["progress"] = not args.no_progress
+    config = default_config(model, args.method)
     try:
-        return default_config(model).replace(**changes)
+        return config.replace(**changes)
     except TypeError as err:
-        raise SystemExit(f"unknown config field in {sorted(changes)}: {err}") from err
+        raise SystemExit(f"unknown {type(config).__name__} field in {sorted(changes)}: {err}") from err
 
 
 def cmd_decompose(args: argparse.Namespace) -> int:
@@ -159,14 +164,18 @@ def cmd_decompose(args: argparse.Namespace) -> int:
         if not run_file.is_file():
             raise SystemExit(f"--resume: {out} holds no run started by `apd-lens decompose` ({RUN_FILE} missing)")
         run = json.loads(run_file.read_text())
-        config = APDConfig.from_dict(run["config"]).replace(progress=not args.no_progress)
+        method = get_method(run.get("method", "apd"))
+        if args.method is not None and args.method != method.name:
+            raise SystemExit(f"--resume: {out} is an {method.name.upper()} run, not {args.method.upper()}")
+        config = method.config_class.from_dict(run["config"]).replace(progress=not args.no_progress)
         data_seed = run["data_seed"]
     else:
+        args.method = args.method or "apd"
         config = _build_config(model, args)
         data_seed = args.data_seed if args.data_seed is not None else config.seed + 1000
         out.mkdir(parents=True, exist_ok=True)
         shutil.copytree(args.target, out / "target", dirs_exist_ok=True)
-        run = {"target": meta["name"], "config": config.to_dict(), "data_seed": data_seed}
+        run = {"target": meta["name"], "method": config.method, "config": config.to_dict(), "data_seed": data_seed}
         atomic_write_bytes(run_file, (json.dumps(run, indent=2) + "\n").encode())
     data = kind.data(model, config.batch_size, data_seed)
     start = time.perf_counter()
@@ -181,7 +190,9 @@ def cmd_decompose(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         wandb_project=args.wandb_project,
     )
-    print(f"decomposed {meta['name']} ({config.steps} steps, {time.perf_counter() - start:.1f}s); saved to {out}")
+    name = config.method.upper()
+    took = time.perf_counter() - start
+    print(f"decomposed {meta['name']} with {name} ({config.steps} steps, {took:.1f}s); saved to {out}")
     return 0
 
 
@@ -217,18 +228,27 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "decompose",
-        help="decompose a trained target with APD",
+        help="decompose a trained target with APD or SPD",
         description="Decompose a target saved by train-target; the run folder receives metrics.jsonl, "
         "checkpoints and the saved decomposition (cfg.json, components.safetensors).",
     )
     p.add_argument("target", type=Path, help="folder written by `apd-lens train-target`")
     p.add_argument("--out", type=Path, required=True, help="run folder")
-    p.add_argument("--steps", type=int, help="APD steps (default: the model's paper settings)")
+    p.add_argument(
+        "--method", choices=sorted(METHODS), help="decomposition method (default apd; with --resume: the run's)"
+    )
+    p.add_argument("--steps", type=int, help="decomposition steps (default: the model's settings for the method)")
     p.add_argument("--batch-size", type=int, help="batch size (default: the paper's)")
     p.add_argument("--seed", type=int, help="seed of the decomposition (default: the config's)")
     p.add_argument("--data-seed", type=int, help="seed of the data (default: seed + 1000)")
     p.add_argument("--device", help="e.g. cpu, cuda (default: the config's)")
-    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="any APDConfig field (JSON value)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="any field of the method's config (JSON value)",
+    )
     p.add_argument("--checkpoint-every", type=int, help="save a checkpoint every N steps")
     p.add_argument("--keep-checkpoints", type=int, default=2, help="newest checkpoints to keep (<1: all)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")

@@ -113,7 +113,7 @@ def test_cli_errors_are_clear(tmp_path):
         main(["decompose", str(tmp_path), "--out", str(tmp_path / "run")])
     target = tmp_path / "target"
     main(["train-target", "tms-5-2", "--out", str(target), "--steps", "5", "--no-progress"])
-    with pytest.raises(SystemExit, match="unknown config field"):
+    with pytest.raises(SystemExit, match="unknown APDConfig field"):
         main(["decompose", str(target), "--out", str(tmp_path / "r1"), "--set", "no_such_field=1"])
     with pytest.raises(SystemExit, match="--set expects FIELD=VALUE"):
         main(["decompose", str(target), "--out", str(tmp_path / "r2"), "--set", "steps"])
@@ -124,3 +124,37 @@ def test_cli_errors_are_clear(tmp_path):
     with pytest.raises(SystemExit) as exit_:
         main(["train-target", "tms-3-1", "--out", str(tmp_path / "x")])
     assert exit_.value.code == 2
+
+
+def test_spd_train_decompose_resume_report(tmp_path, capsys):
+    """SPD through the CLI on TMS 5-2 with the identity: decompose, resume (the run's method), report."""
+    target = tmp_path / "target"
+    assert main(["train-target", "tms-5-2-id", "--out", str(target), "--steps", "50", "--no-progress"]) == 0
+    argv = ["decompose", str(target), "--method", "spd", "--steps", "8", "--batch-size", "32", "--checkpoint-every", "4"]
+    sets = ["--set", "n_subcomponents=5", "--set", "faithfulness_warmup_steps=3", "--no-progress"]
+    assert main([*argv, "--out", str(tmp_path / "a"), "--keep-checkpoints", "0", *sets]) == 0
+    assert main([*argv, "--out", str(tmp_path / "b"), "--keep-checkpoints", "0", *sets]) == 0
+    for name in ("cfg.json", "components.safetensors"):
+        (tmp_path / "b" / name).unlink()
+    (tmp_path / "b" / "checkpoints" / "step_000000008.ckpt").unlink()
+    with pytest.raises(SystemExit, match="is an SPD run, not APD"):
+        main(["decompose", str(target), "--out", str(tmp_path / "b"), "--resume", "--method", "apd"])
+    assert main(["decompose", str(target), "--out", str(tmp_path / "b"), "--resume", "--no-progress"]) == 0
+    a = load_file(tmp_path / "a" / "components.safetensors")
+    b = load_file(tmp_path / "b" / "components.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert {"W.V", "W.U", "I.V", "I.U"} <= set(a)
+    assert json.loads((tmp_path / "a" / "cfg.json").read_text())["method"] == "spd"
+
+    assert main(["report", str(tmp_path / "a"), "--eval-batch", "300"]) == 0
+    assert "mmcs=" in capsys.readouterr().out
+    report = json.loads((tmp_path / "a" / "report" / "metrics.json").read_text())
+    assert report["method"] == "spd" and report["n_parts"] == {"W": 5, "I": 5}
+    W = a["target.W"]
+    subcomponents = a["W.V"].T[:, :, None] * a["W.U"][:, None, :]
+    mmcs, ml2r = brute_mmcs_ml2r(subcomponents, W)
+    assert report["eval"]["mmcs"] == pytest.approx(mmcs, abs=1e-5)
+    assert report["eval"]["ml2r"] == pytest.approx(ml2r, abs=1e-5)
+    assert set(report["eval"]["ci_l0"]) == {"W", "W:use1", "I"}
+    names = {Path(f).name for f in report["figures"]}
+    assert {"losses.png", "subcomponents_W.png", "subcomponents_I.png", "subcomponent_frequency_W_use1.png"} <= names

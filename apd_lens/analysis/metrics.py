@@ -25,3 +25,11 @@ def mmcs_ml2r(
     best, idx = cos.max(0)
     ratio = comp_norm.gather(0, idx[None]).squeeze(0) / target_norm.clamp_min(1e-12)
     return float(best.mean()), float(ratio.mean())
+
+
+@torch.no_grad()
+def n_large(parts: Float[Tensor, "C ..."], rel: float = 0.01) -> int:
+    """How many parts (components or subcomponents, ``[C, ...]``) have a Frobenius norm above ``rel``
+    times the largest one's."""
+    norms = parts.flatten(1).norm(dim=1)
+    return int((norms > rel * norms.max()).sum())

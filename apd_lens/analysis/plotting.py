@@ -24,17 +24,26 @@ def _draw_vectors(ax, rows: Tensor, title: str, lim: float) -> None:
     ax.set_yticks([])
 
 
-def plot_tms_components(target: Tensor, components: Tensor, path: str | Path, title: str = "") -> Path:
-    """Target W (rows = features) next to every component P_c, saved to ``path``.
+def plot_tms_components(
+    target: Tensor,
+    components: Tensor,
+    path: str | Path,
+    title: str = "",
+    labels: list[str] | None = None,
+    target_label: str = "target W",
+) -> Path:
+    """Target W (rows = features) next to every component P_c (or subcomponent), saved to ``path``.
 
-    With a 2-dim hidden space each row is drawn as an arrow; otherwise as a heatmap.
+    With a 2-dim hidden space each row is drawn as an arrow; otherwise as a heatmap. ``labels``: the
+    panels' titles (default ``P_<c>``).
     """
     target, components = target.detach().cpu(), components.detach().cpu()
     n = 1 + components.shape[0]
     cols = min(n, 8)
     rows = (n + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(2.0 * cols, 2.0 * rows), squeeze=False)
-    panels = [("target W", target)] + [(f"P_{c}", components[c]) for c in range(components.shape[0])]
+    labels = labels or [f"P_{c}" for c in range(components.shape[0])]
+    panels = [(target_label, target)] + [(labels[c], components[c]) for c in range(components.shape[0])]
     vmax = float(torch.cat([target.abs().flatten(), components.abs().flatten()]).max())
     for ax, (name, mat) in zip(axes.flat, panels, strict=False):
         if target.shape[1] == 2:
@@ -54,3 +63,15 @@ def plot_tms_components(target: Tensor, components: Tensor, path: str | Path, ti
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def plot_largest_parts(
+    target: Tensor, parts: Tensor, path: str | Path, title: str = "", max_panels: int = 47, name: str = "W"
+) -> Path:
+    """The target next to its largest parts (by norm, at most ``max_panels``, those above 1% of the
+    largest), each labelled with its index."""
+    norms = parts.detach().flatten(1).norm(dim=1)
+    order = norms.argsort(descending=True)
+    keep = [int(c) for c in order[:max_panels] if norms[c] > 0.01 * norms.max()]
+    labels = [f"{c} ({float(norms[c]):.2f})" for c in keep]
+    return plot_tms_components(target, parts[keep], path, title, labels=labels, target_label=f"target {name}")

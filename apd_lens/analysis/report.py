@@ -12,9 +12,12 @@ from torch import Tensor, nn
 
 from apd_lens.analysis.metrics import mmcs_ml2r
 from apd_lens.analysis.plotting import plot_tms_components, plt
+from apd_lens.engine.base import DecompositionBase
 from apd_lens.engine.spec import get_parameter
 from apd_lens.io import atomic_write_bytes
+from apd_lens.loading import load
 from apd_lens.methods.apd.decomposition import Decomposition
+from apd_lens.methods.spd.decomposition import CI_L0_THRESHOLD, SPDDecomposition
 
 MAX_PANELS = 40
 
@@ -37,7 +40,60 @@ def _mse(a: Tensor, b: Tensor) -> float:
     return float((a - b).square().mean())
 
 
-def evaluate(decomposition: Decomposition, x: Tensor) -> dict[str, Any]:
+STOCHASTIC_SAMPLES = 16
+"""SPD: the stochastic-masked output error is averaged over this many mask samples."""
+
+
+def evaluate(decomposition: DecompositionBase, x: Tensor) -> dict[str, Any]:
+    """The method's evaluation on the batch ``x`` (:func:`evaluate_apd` or :func:`evaluate_spd`)."""
+    if isinstance(decomposition, SPDDecomposition):
+        return evaluate_spd(decomposition, x)
+    return evaluate_apd(decomposition, x)
+
+
+def _relative_faithfulness(decomposition: DecompositionBase) -> dict[str, float]:
+    """Per weight: ``||W - Σ parts||² / ||W||²``."""
+    targets = decomposition.target_matrices()
+    out = {}
+    with torch.no_grad():
+        for name, parts in decomposition.weight_parts().items():
+            spec = decomposition.specs_by_name[name]
+            summed = spec.to_matrix(parts.sum(0))
+            out[name] = float((targets[name] - summed).square().sum() / targets[name].square().sum())
+    return out
+
+
+def _part_norms(decomposition: DecompositionBase) -> dict[str, list[float]]:
+    return {name: parts.flatten(1).norm(dim=1).tolist() for name, parts in decomposition.weight_parts().items()}
+
+
+def evaluate_spd(decomposition: SPDDecomposition, x: Tensor) -> dict[str, Any]:
+    """SPD on the batch ``x``: the output error of the unmasked sum, of the CI-masked model and of the
+    stochastic-masked model (mean of STOCHASTIC_SAMPLES samples); per site the CI L0, the subcomponents
+    alive (CI > 0.1 on some data point) and how often each is active; relative faithfulness and norms."""
+    target_out = decomposition.model(x).detach()
+    with torch.no_grad():
+        ci = decomposition.causal_importances(x)
+        stochastic = [_mse(decomposition(x, "stochastic"), target_out) for _ in range(STOCHASTIC_SAMPLES)]
+        result: dict[str, Any] = {
+            "mse_all_subcomponents": _mse(decomposition(x), target_out),
+            "mse_ci_masked": _mse(decomposition(x, ci), target_out),
+            "mse_stochastic_masked": sum(stochastic) / len(stochastic),
+            "ci_l0": {},
+            "subcomponents_alive": {},
+            "subcomponent_frequency": {},
+        }
+    for site, g in ci.items():
+        active = (g > CI_L0_THRESHOLD).reshape(-1, g.shape[-1]).float()
+        result["ci_l0"][site] = float(active.sum(-1).mean())
+        result["subcomponents_alive"][site] = int((active.sum(0) > 0).sum())
+        result["subcomponent_frequency"][site] = active.mean(0).tolist()
+    result["relative_faithfulness"] = _relative_faithfulness(decomposition)
+    result["subcomponent_norms"] = _part_norms(decomposition)
+    return result
+
+
+def evaluate_apd(decomposition: Decomposition, x: Tensor) -> dict[str, Any]:
     """Output errors against the target, active components and faithfulness on the batch ``x``."""
     target_out = decomposition.model(x).detach()
     mask = decomposition.topk_mask(x)
@@ -78,10 +134,10 @@ def _plot_losses(rows: list[dict[str, float]], path: Path) -> Path:
     return path
 
 
-def _plot_frequency(freq: list[float], path: Path) -> Path:
+def _plot_frequency(freq: list[float], path: Path, what: str = "component") -> Path:
     fig, ax = plt.subplots(figsize=(max(4, 0.15 * len(freq)), 3))
     ax.bar(range(len(freq)), freq)
-    ax.set_xlabel("component")
+    ax.set_xlabel(what)
     ax.set_ylabel("fraction of data points active")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -90,40 +146,47 @@ def _plot_frequency(freq: list[float], path: Path) -> Path:
 
 
 def write_report(run_dir: str | Path, model: nn.Module, data: Iterable, out: str | Path) -> dict[str, Any]:
-    """Load the decomposition saved in ``run_dir`` onto ``model``, evaluate it on one batch of
-    ``data`` and write ``metrics.json`` and figures to ``out``; returns the metrics."""
+    """Load the decomposition saved in ``run_dir`` onto ``model`` (either method), evaluate it on one
+    batch of ``data`` and write ``metrics.json`` and figures to ``out``; returns the metrics."""
     run_dir, out = Path(run_dir), Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    decomposition = Decomposition.load(run_dir, model)
+    decomposition = load(run_dir, model)
     x = next(iter(data))
     rows = read_metrics(run_dir)
+    spd = isinstance(decomposition, SPDDecomposition)
     metrics: dict[str, Any] = {
         "run_dir": str(run_dir),
+        "method": decomposition.method,
         "target": type(model).__name__,
         "steps": decomposition.config.steps,
-        "n_components": decomposition.n_components,
+        "n_parts": {name: int(p.shape[0]) for name, p in decomposition.weight_parts().items()},
         "eval_batch": int(x.shape[0]),
         "final_losses": rows[-1] if rows else None,
         "eval": evaluate(decomposition, x),
         "figures": [],
     }
-    weights = decomposition.component_weights()
+    weights = decomposition.weight_parts()
     targets = {s.name: get_parameter(model, s.name).detach() for s in decomposition.specs}
-    if list(weights) == ["W"] and hasattr(model, "n_hidden"):  # TMS: the paper's feature metrics
+    if "W" in weights and hasattr(model, "n_hidden"):  # TMS: the paper's feature metrics
         mmcs, ml2r = mmcs_ml2r(weights["W"], targets["W"])
         metrics["eval"].update({"mmcs": mmcs, "ml2r": ml2r})
     figures = []
     if rows:
-        figures.append(_plot_losses(rows, out / "losses.png"))
-    figures.append(_plot_frequency(metrics["eval"]["component_frequency"], out / "component_frequency.png"))
+        figures.append(_plot_losses([{k: v for k, v in r.items() if "/" not in k} for r in rows], out / "losses.png"))
+    if spd:
+        for site, freq in metrics["eval"]["subcomponent_frequency"].items():
+            safe = site.replace(":", "_")
+            figures.append(_plot_frequency(freq, out / f"subcomponent_frequency_{safe}.png", f"{site} subcomponent"))
+    else:
+        figures.append(_plot_frequency(metrics["eval"]["component_frequency"], out / "component_frequency.png"))
     for name, comps in weights.items():
         norms = comps.flatten(1).norm(dim=1)
         shown = norms.argsort(descending=True)[:MAX_PANELS].sort().values
         note = "" if len(shown) == len(norms) else f" ({len(shown)} largest of {len(norms)})"
         if targets[name].ndim == 2:
-            figures.append(
-                plot_tms_components(targets[name], comps[shown], out / f"components_{name}.png", title=f"{name}{note}")
-            )
+            labels = [f"{int(c)}" for c in shown]
+            path = out / f"{'subcomponents' if spd else 'components'}_{name}.png"
+            figures.append(plot_tms_components(targets[name], comps[shown], path, title=f"{name}{note}", labels=labels))
     metrics["figures"] = [str(p) for p in figures]
     atomic_write_bytes(out / "metrics.json", (json.dumps(metrics, indent=2) + "\n").encode())
     return metrics

@@ -77,6 +77,11 @@ class DecompositionBase(HookedRootModule):
         """The loss terms of one training step on ``x`` and their weighted ``"total"``."""
         raise NotImplementedError
 
+    def weight_parts(self) -> dict[str, Tensor]:
+        """Weight name -> the learned parts of that weight in the parameter's own shape, ``[n_parts, *shape]``
+        (APD's components, SPD's subcomponents)."""
+        raise NotImplementedError
+
     def before_training(self) -> None:
         """Called once before the first step of a fresh (not resumed) run."""
 

@@ -1,4 +1,5 @@
-"""Toy model of superposition: x_hat = ReLU(W^T W x + b), with W used twice (tied)."""
+"""Toy model of superposition: x_hat = ReLU(W^T W x + b), with W used twice (tied); with
+``identity=True``, x_hat = ReLU(W^T I W x + b) with I a frozen identity matrix (SPD's "+ID" variant)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from torch import Tensor, nn
 from apd_lens._compat import HookedRootModule, HookPoint
 from apd_lens.engine.spec import WeightSpec, WeightUse
 from apd_lens.methods.apd.config import APDConfig
+from apd_lens.methods.spd.config import SPDConfig
 from apd_lens.models.sparse_data import SparseFeatureData
 from apd_lens.models.target_training import train_target
 
@@ -17,10 +19,12 @@ class TMS(HookedRootModule):
     """``hidden = x @ W``, ``out = ReLU(hidden @ W.T + b_final)`` with ``W`` [n_features, n_hidden].
 
     (The paper writes W as [n_hidden, n_features]; its columns are our rows.)
-    Hooks: ``hook_in``, ``hook_hidden``, ``hook_out_pre``, ``hook_out``.
+    Hooks: ``hook_in``, ``hook_hidden``, ``hook_out_pre``, ``hook_out``. With ``identity=True`` the
+    hidden vector also passes through ``I`` ([n_hidden, n_hidden], the identity, never trained):
+    ``hidden_id = hook_hidden_id(hidden @ I)``, ``out = ReLU(hidden_id @ W.T + b_final)``.
     """
 
-    def __init__(self, n_features: int = 5, n_hidden: int = 2, seed: int = 0):
+    def __init__(self, n_features: int = 5, n_hidden: int = 2, seed: int = 0, identity: bool = False):
         super().__init__()
         if n_features < 1 or n_hidden < 1:
             raise ValueError(f"n_features and n_hidden must be >= 1, got {n_features}, {n_hidden}")
@@ -29,8 +33,13 @@ class TMS(HookedRootModule):
         bound = (6 / (n_features + n_hidden)) ** 0.5
         self.W = nn.Parameter((torch.rand(n_features, n_hidden, generator=gen) * 2 - 1) * bound)
         self.b_final = nn.Parameter(torch.zeros(n_features))
+        self.identity = identity
+        if identity:
+            self.I = nn.Parameter(torch.eye(n_hidden), requires_grad=False)
         self.hook_in = HookPoint()
         self.hook_hidden = HookPoint()
+        if identity:
+            self.hook_hidden_id = HookPoint()
         self.hook_out_pre = HookPoint()
         self.hook_out = HookPoint()
         self.setup()
@@ -40,20 +49,27 @@ class TMS(HookedRootModule):
             raise ValueError(f"TMS expects inputs of width n_features={self.n_features}, got shape {tuple(x.shape)}")
         x = self.hook_in(x)
         hidden = self.hook_hidden(x @ self.W)
+        if self.identity:
+            hidden = self.hook_hidden_id(hidden @ self.I)
         pre = self.hook_out_pre(hidden @ self.W.T + self.b_final)
         return self.hook_out(torch.relu(pre))
 
     def apd_weight_specs(self) -> list[WeightSpec]:
-        """W is one weight with two uses: x -> hidden, and hidden -> output (transposed)."""
-        return [
+        """W is one weight with two uses: x -> hidden, and hidden -> output (transposed); with
+        ``identity``, I (hidden -> hidden_id) is a second weight."""
+        last = "hook_hidden_id" if self.identity else "hook_hidden"
+        specs = [
             WeightSpec(
                 "W",
                 (
                     WeightUse(enter="hook_in", leave="hook_hidden"),
-                    WeightUse(enter="hook_hidden", leave="hook_out_pre", transposed=True, bias="b_final"),
+                    WeightUse(enter=last, leave="hook_out_pre", transposed=True, bias="b_final"),
                 ),
             )
         ]
+        if self.identity:
+            specs.append(WeightSpec("I", (WeightUse(enter="hook_hidden", leave="hook_hidden_id"),)))
+        return specs
 
     def apd_default_config(self) -> APDConfig:
         """The paper's settings for TMS 5-2 and 40-10 (other sizes get the 40-10 recipe)."""
@@ -63,7 +79,7 @@ class TMS(HookedRootModule):
             "lr_warmup_frac": 0.05,
             "steps": 20_000,
             "batch_size": 2048,
-            "extra": {"experiment": f"tms-{self.n_features}-{self.n_hidden}"},
+            "extra": {"experiment": self.experiment_name()},
         }
         if (self.n_features, self.n_hidden) == (5, 2):
             paper = {
@@ -92,6 +108,27 @@ class TMS(HookedRootModule):
                 "split_until": 0.3,
             }
         return APDConfig(**common, **paper)
+
+    def experiment_name(self) -> str:
+        return f"tms-{self.n_features}-{self.n_hidden}" + ("-id" if self.identity else "")
+
+    def spd_default_config(self) -> SPDConfig:
+        """SPD's settings for TMS (5-2 and 40-10; other sizes get the 40-10 recipe): the paper's
+        coefficients and learning rate, with C, batch and steps chosen by measurement on this
+        library's CPU budget (see docs/results.md)."""
+        small = (self.n_features, self.n_hidden) == (5, 2)
+        return SPDConfig(
+            n_subcomponents=20 if small else 200,
+            importance_minimality_coeff=3e-3 if small else 1e-4,
+            importance_p=1.0 if small else 2.0,
+            ci_fn="mlp",
+            ci_hidden=16,
+            lr=1e-3,
+            lr_schedule="cosine",
+            steps=10_000,
+            batch_size=4096,
+            extra={"experiment": self.experiment_name()},
+        )
 
 
 class TMSData(SparseFeatureData):

@@ -119,6 +119,10 @@ class Decomposition(DecompositionBase):
     def component_parameters(self) -> list[nn.Parameter]:
         return [p for c in self._components.values() for p in (c.A, c.B)]
 
+    def weight_parts(self) -> dict[str, Tensor]:
+        """The components ``P_c`` of every weight (see :meth:`component_weights`)."""
+        return self.component_weights()
+
     @torch.no_grad()
     def component_weights(self) -> dict[str, Float[Tensor, "C ..."]]:
         """Weight name -> the components ``P_c`` in the parameter's own shape: [C, *shape]."""

@@ -9,6 +9,11 @@ Three kinds (``SPDConfig.ci_fn``), each one module per use of a decomposed weigh
 
 Initialization: first-layer weights normal with std ``sqrt(2 / fan_in)``, last-layer weights normal
 with std ``sqrt(1 / hidden)``, biases zero.
+
+The per-subcomponent MLPs run over a ``[n, C, hidden]`` tensor (at C 200 and batch 4096, 13M
+elements per weight use): they dominate an SPD step. :class:`_ScalarMLPFunction` computes them in
+slices of data points small enough to stay in the CPU's cache, and recomputes the hidden layer in
+the backward instead of keeping it (tested equal to the plain formula, values and gradients).
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ from jaxtyping import Float
 from torch import Tensor, nn
 
 CI_FN_KINDS = ("mlp", "vector_mlp", "shared_mlp")
+CHUNK_ELEMENTS = 2**20
+"""The scalar MLPs run over slices of about this many (data point, subcomponent, hidden unit) elements."""
 
 
 def _normal(shape: tuple[int, ...], std: float, generator: torch.Generator | None) -> nn.Parameter:
@@ -40,8 +47,51 @@ class ScalarMLPCI(nn.Module):
         self.b_out = nn.Parameter(torch.zeros(n_subcomponents))
 
     def forward(self, inner: Float[Tensor, "n C"]) -> Float[Tensor, "n C"]:
-        hidden = F.gelu(torch.addcmul(self.b_in, inner.unsqueeze(-1), self.w_in))  # [n, C, hidden]
-        return torch.einsum("nch,ch->nc", hidden, self.w_out) + self.b_out
+        return _ScalarMLPFunction.apply(inner, self.w_in, self.b_in, self.w_out, self.b_out)
+
+
+def scalar_mlp_reference(inner: Tensor, w_in: Tensor, b_in: Tensor, w_out: Tensor, b_out: Tensor) -> Tensor:
+    """The plain formula of the per-subcomponent MLPs (what :class:`_ScalarMLPFunction` computes)."""
+    hidden = F.gelu(torch.addcmul(b_in, inner.unsqueeze(-1), w_in))  # [n, C, hidden]
+    return torch.einsum("nch,ch->nc", hidden, w_out) + b_out
+
+
+class _ScalarMLPFunction(torch.autograd.Function):
+    """``out[n, c] = b_out[c] + Σ_j w_out[c, j] GELU(h[n, c] w_in[c, j] + b_in[c, j])`` and its gradients,
+    laid out subcomponent-major (``[C, rows, hidden]``, so the sums over data points are batched matmuls)
+    and computed over slices of rows; the backward recomputes the hidden layer."""
+
+    @staticmethod
+    def forward(ctx, h: Tensor, w_in: Tensor, b_in: Tensor, w_out: Tensor, b_out: Tensor) -> Tensor:
+        n, c = h.shape
+        rows = max(1, CHUNK_ELEMENTS // max(c * w_in.shape[1], 1))
+        h_t = h.T.contiguous()  # [C, n]
+        out_t = torch.empty_like(h_t)
+        w_in3, b_in3, w_out3 = w_in.unsqueeze(1), b_in.unsqueeze(1), w_out.unsqueeze(-1)
+        for s in range(0, n, rows):
+            pre = torch.addcmul(b_in3, h_t[:, s : s + rows, None], w_in3)  # [C, rows, hidden]
+            out_t[:, s : s + rows] = torch.bmm(F.gelu(pre), w_out3).squeeze(-1)
+        ctx.save_for_backward(h_t, w_in, b_in, w_out)
+        ctx.rows = rows
+        return out_t.T + b_out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        h_t, w_in, b_in, w_out = ctx.saved_tensors
+        rows = ctx.rows
+        g_t = grad.T.contiguous()  # [C, n]
+        w_in3, b_in3, w_out3 = w_in.unsqueeze(1), b_in.unsqueeze(1), w_out.unsqueeze(1)
+        d_w_in, d_b_in, d_w_out = torch.zeros_like(w_in), torch.zeros_like(b_in), torch.zeros_like(w_out)
+        d_h_t = torch.empty_like(h_t)
+        for s in range(0, h_t.shape[1], rows):
+            h_c, g_c = h_t[:, s : s + rows, None], g_t[:, s : s + rows, None]  # [C, rows, 1]
+            pre = torch.addcmul(b_in3, h_c, w_in3)
+            d_w_out.unsqueeze(1).baddbmm_(g_c.transpose(1, 2), F.gelu(pre))
+            d_pre = torch.ops.aten.gelu_backward(g_c * w_out3, pre)  # [C, rows, hidden]
+            d_b_in += d_pre.sum(1)
+            d_w_in.unsqueeze(1).baddbmm_(h_c.transpose(1, 2), d_pre)
+            d_h_t[:, s : s + rows] = torch.bmm(d_pre, w_in.unsqueeze(-1)).squeeze(-1)
+        return d_h_t.T, d_w_in, d_b_in, d_w_out, grad.sum(0)
 
 
 class VectorMLPCI(nn.Module):

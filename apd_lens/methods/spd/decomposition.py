@@ -106,6 +106,10 @@ class SPDDecomposition(DecompositionBase):
             out[spec.name] = spec.from_matrix(self._subcomponents[spec.name].subcomponent_matrices(), shape)
         return out
 
+    def weight_parts(self) -> dict[str, Tensor]:
+        """The rank-one subcomponents of every weight (see :meth:`subcomponent_weights`)."""
+        return self.subcomponent_weights()
+
     def summed_matrices(self) -> dict[str, Tensor]:
         """Weight name -> ``V @ U`` (with gradients)."""
         return {name: sub.weight() for name, sub in self._subcomponents.items()}

@@ -40,4 +40,4 @@ def lower_leaky_hard_sigmoid(z: Float[Tensor, "*shape"], leak: float = LEAK) -> 
 
 def upper_leaky_hard_sigmoid(z: Float[Tensor, "*shape"], leak: float = LEAK) -> Float[Tensor, "*shape"]:
     """0 below 0, ``z`` on [0, 1], ``1 + leak (z - 1)`` above 1."""
-    return torch.where(z > 1, 1 + leak * (z - 1), z.clamp_min(0.0))
+    return torch.where(z > 1, 1 + leak * (z - 1), torch.where(z > 0, z, torch.zeros_like(z)))

@@ -1,0 +1,343 @@
+"""SPD against slow, obvious references: per-example forwards with the masked weight
+``W'(x) = Σ_c m_c V[:, c] ⊗ U[c, :] (+ r_Δ (W - V U))`` substituted via torch.func.functional_call,
+explicit loops for every loss term and for the causal-importance MLPs, and the sigmoids'
+piecewise definitions."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+from torch.func import functional_call
+
+import apd_lens.methods.spd.decomposition as spd_module
+from apd_lens import SPDConfig, SPDDecomposition
+from apd_lens.engine.spec import get_parameter
+from apd_lens.methods.spd.sigmoids import lower_leaky_hard_sigmoid, upper_leaky_hard_sigmoid
+from apd_lens.models.tms import TMS
+from tests.toy_models import TwoLayerMLP, two_layer_specs
+from tests.transformer_checks import _matrix_by_hand, randomize_
+
+
+@pytest.fixture(autouse=True)
+def _float64(float64):
+    """Brute-force comparisons run in float64 so that 1e-5 relative is far above rounding."""
+
+
+def _param_by_hand(matrix: torch.Tensor, spec, shape) -> torch.Tensor:
+    """The parameter of ``shape`` whose [d_in, d_out] matrix is ``matrix`` (inverse of _matrix_by_hand)."""
+    if spec.matrix_pattern is None:
+        return matrix
+    if spec.matrix_pattern == "o i -> i o":
+        return matrix.T
+    if spec.matrix_pattern == "h d e -> d (h e)":
+        h, d, e = shape
+        return matrix.reshape(d, h, e).permute(1, 0, 2)
+    if spec.matrix_pattern == "h e d -> (h e) d":
+        return matrix.reshape(shape)
+    raise AssertionError(spec.matrix_pattern)
+
+
+def make(kind: str, n_sub: int = 4, delta: bool = True, **cfg):
+    torch.manual_seed(0)
+    if kind == "tms":
+        model = TMS(5, 3, seed=1).double()
+        with torch.no_grad():
+            model.b_final.normal_(0, 0.1)
+        specs = model.apd_weight_specs()
+        x = torch.rand(6, 5) * (torch.rand(6, 5) < 0.6)
+    elif kind == "mlp":
+        model = TwoLayerMLP().double()
+        specs = two_layer_specs()
+        x = torch.randn(6, 4)
+    else:
+        from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+        from apd_lens.adapters import specs_for_model
+
+        cfg_t = dict(n_layers=2, d_model=8, d_head=4, n_heads=2, d_mlp=12, d_vocab=11, n_ctx=5, act_fn="gelu")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = HookedTransformer(
+                HookedTransformerConfig(**cfg_t, normalization_type="LNPre", seed=0, dtype=torch.float64)
+            )
+        randomize_(model, seed=3)
+        model.eval()
+        specs = specs_for_model(model)
+        x = torch.randint(0, 11, (3, 5), generator=torch.Generator().manual_seed(2))
+    config = SPDConfig(n_subcomponents=n_sub, use_delta_component=delta, **cfg)
+    dec = SPDDecomposition(model, specs, config)
+    with torch.no_grad():  # move V, U away from their init so that the delta term is not small
+        for sub in dec.subcomponents.values():
+            sub.U.mul_(1.7)
+    return dec, x
+
+
+def masked_weight(dec: SPDDecomposition, name: str, mask_row: torch.Tensor | None, delta_weight) -> torch.Tensor:
+    """W'(x) = Σ_c m_c V[:, c] ⊗ U[c, :] + r_Δ (W - V U), by loops, in the parameter's own shape."""
+    spec = dec.specs_by_name[name]
+    param = get_parameter(dec.model, name).detach()
+    target = _matrix_by_hand(param, spec)
+    sub = dec.subcomponents[name]
+    V, U = sub.V.detach(), sub.U.detach()
+    out = torch.zeros_like(target)
+    full = torch.zeros_like(target)
+    for c in range(V.shape[1]):
+        piece = torch.outer(V[:, c], U[c])
+        full += piece
+        out += (1.0 if mask_row is None else mask_row[c]) * piece
+    if dec.config.use_delta_component:
+        out += delta_weight * (target - full)
+    return _param_by_hand(out, spec, param.shape)
+
+
+def random_masks(dec: SPDDecomposition, batch_shape, tied_equal: bool, seed: int = 5):
+    gen = torch.Generator().manual_seed(seed)
+    masks, deltas = {}, {}
+    for site in dec.sites:
+        weight = site.split(":")[0]
+        if tied_equal and site != weight:
+            masks[site], deltas[site] = masks[weight], deltas[weight]
+            continue
+        masks[site] = torch.rand(*batch_shape, dec.n_subcomponents(site), generator=gen)
+        deltas[site] = torch.rand(*batch_shape, generator=gen)
+    return masks, deltas
+
+
+def per_example(dec: SPDDecomposition, x: torch.Tensor, masks, deltas, index) -> torch.Tensor:
+    """The model on example ``index`` with every weight at its masked W'(x) (all uses the same)."""
+    params = {k: v.detach() for k, v in dec.model.named_parameters()}
+    for spec in dec.specs:
+        m = None if masks is None else masks[spec.name][index]
+        r = 1.0 if deltas is None else deltas[spec.name][index]
+        params[spec.name] = masked_weight(dec, spec.name, m, r)
+    return functional_call(dec.model, params, (x[index][None],))[0]
+
+
+@pytest.mark.parametrize("kind", ["tms", "mlp", "transformer"])
+@pytest.mark.parametrize("delta", [True, False])
+def test_masked_forward_matches_functional_call(kind, delta):
+    """Per data point (per sequence for the transformer: its masks are the same at every position)."""
+    dec, x = make(kind, delta=delta)
+    batch_shape = tuple(x.shape[: dec.n_batch_dims(x)])
+    masks, deltas = random_masks(dec, batch_shape[:1], tied_equal=True)
+    if kind == "transformer":  # one mask per sequence, repeated over positions
+        full = {k: v[:, None].expand(*batch_shape, -1) for k, v in masks.items()}
+        full_delta = {k: v[:, None].expand(*batch_shape) for k, v in deltas.items()}
+    else:
+        full, full_delta = masks, deltas
+    got = dec.forward_with_masks(x, full, delta_masks=full_delta).output
+    want = torch.stack([per_example(dec, x, masks, deltas, n) for n in range(x.shape[0])])
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-9)
+    # no masks: every subcomponent on, the delta fully on
+    got = dec.forward_with_masks(x).output
+    want = torch.stack([per_example(dec, x, None, None, n) for n in range(x.shape[0])])
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-9)
+
+
+def test_transformer_masks_that_vary_over_positions():
+    """Only the last W_out masked, per token: the output at (b, p) is the model on sequence b with W_out
+    at token (b, p)'s masked weight, read at position p."""
+    dec, x = make("transformer")
+    name = "blocks.1.mlp.W_out"
+    gen = torch.Generator().manual_seed(9)
+    mask = torch.rand(*x.shape, dec.n_subcomponents(name), generator=gen)
+    delta = torch.rand(*x.shape, generator=gen)
+    got = dec.forward_with_masks(x, {name: mask}, delta_masks={name: delta}).output
+    params = {k: v.detach() for k, v in dec.model.named_parameters()}
+    for b in range(x.shape[0]):
+        for p in range(x.shape[1]):
+            params[name] = masked_weight(dec, name, mask[b, p], delta[b, p])
+            want = functional_call(dec.model, params, (x[b][None],))[0, p]
+            torch.testing.assert_close(got[b, p], want, rtol=1e-5, atol=1e-9)
+
+
+def test_tied_weight_uses_have_their_own_masks():
+    """TMS with different masks for W and Wᵀ: ReLU((x W'_0) W'_1ᵀ + b), each W' by loops."""
+    dec, x = make("tms")
+    masks, deltas = random_masks(dec, (x.shape[0],), tied_equal=False)
+    got = dec.forward_with_masks(x, masks, delta_masks=deltas).output
+    for n in range(x.shape[0]):
+        w0 = masked_weight(dec, "W", masks["W"][n], deltas["W"][n])
+        w1 = masked_weight(dec, "W", masks["W:use1"][n], deltas["W:use1"][n])
+        want = torch.relu((x[n] @ w0) @ w1.T + dec.model.b_final)
+        torch.testing.assert_close(got[n], want, rtol=1e-5, atol=1e-9)
+
+
+@pytest.mark.parametrize("kind", ["tms", "mlp"])
+def test_ones_masks_with_an_exact_rank_one_split_give_the_target(kind):
+    """V, U from each weight's SVD (one singular triplet per subcomponent, the rest zero): all-ones masks
+    give the target's output, with and without the delta component."""
+    for delta in (False, True):
+        dec, x = make(kind, n_sub=7, delta=delta)
+        with torch.no_grad():
+            for name, sub in dec.subcomponents.items():
+                u, s, vh = torch.linalg.svd(dec.target_matrices()[name], full_matrices=False)
+                sub.V.zero_()
+                sub.U.zero_()
+                sub.V[:, : s.shape[0]] = u * s
+                sub.U[: s.shape[0]] = vh
+        ones = {site: torch.ones(x.shape[0], dec.n_subcomponents(site)) for site in dec.sites}
+        got = dec.forward_with_masks(x, ones).output
+        torch.testing.assert_close(got, dec.model(x), rtol=1e-10, atol=1e-12)
+
+
+# ----------------------------------------------------------------------------- losses by loops
+def ci_by_loops(dec: SPDDecomposition, x: torch.Tensor):
+    """Per site, per data point, per subcomponent: the scalar MLP with GELU written out, and both sigmoids."""
+    record = dec.hooked_pass(x)
+    lower, upper = {}, {}
+    for site in dec.sites:
+        weight, _, use = site.partition(":use")
+        i = int(use) if use else 0
+        sub = dec.subcomponents[weight]
+        fn = sub.ci_fns[i]
+        enter = record.enters[(weight, i)]
+        read = sub.U.T if dec.specs_by_name[weight].uses[i].transposed else sub.V
+        lo = torch.zeros(enter.shape[0], sub.n_subcomponents)
+        up = torch.zeros_like(lo)
+        for n in range(enter.shape[0]):
+            for c in range(sub.n_subcomponents):
+                h = sum(enter[n, d] * read[d, c] for d in range(enter.shape[1]))
+                z = fn.b_out[c].clone()
+                for j in range(fn.w_in.shape[1]):
+                    a = h * fn.w_in[c, j] + fn.b_in[c, j]
+                    z = z + 0.5 * a * (1 + torch.erf(a / math.sqrt(2))) * fn.w_out[c, j]
+                lo[n, c] = z.clamp(0, 1)
+                up[n, c] = 0 if z <= 0 else (z if z <= 1 else 1 + 0.01 * (z - 1))
+        lower[site], upper[site] = lo, up
+    return lower, upper
+
+
+@pytest.mark.parametrize("kind", ["tms", "mlp"])
+def test_causal_importances_match_loops(kind):
+    dec, x = make(kind)
+    with torch.no_grad():  # push some CI values outside [0, 1]
+        for sub in dec.subcomponents.values():
+            for fn in sub.ci_fns:
+                fn.b_out.copy_(torch.linspace(-0.8, 1.6, fn.b_out.shape[0]))
+    got = dec.causal_importances(x)
+    lower, _ = ci_by_loops(dec, x)
+    for site in dec.sites:
+        torch.testing.assert_close(got[site], lower[site], rtol=1e-6, atol=1e-9)
+
+
+class Recorder:
+    """Wraps a mask-sampling function and keeps what it returned."""
+
+    def __init__(self, fn):
+        self.fn, self.calls = fn, []
+
+    def __call__(self, *args, **kwargs):
+        out = self.fn(*args, **kwargs)
+        self.calls.append(out)
+        return out
+
+
+@pytest.mark.parametrize("kind", ["tms", "mlp"])
+@pytest.mark.parametrize("samples", [1, 2])
+def test_every_loss_term_matches_loops(kind, samples, monkeypatch):
+    """faithfulness, stochastic recon (every weight masked), stochastic recon layerwise (one explicit
+    forward per site, the others at the target) and importance minimality, from the masks the step drew."""
+    dec, x = make(kind, n_mask_samples=samples, importance_p=1.5)
+    masks_rec = Recorder(spd_module.stochastic_masks)
+    delta_rec = Recorder(spd_module.delta_masks)
+    monkeypatch.setattr(spd_module, "stochastic_masks", masks_rec)
+    monkeypatch.setattr(spd_module, "delta_masks", delta_rec)
+    terms = dec.losses(x, torch.Generator().manual_seed(0))
+    assert len(masks_rec.calls) == samples
+    target_out = dec.model(x).detach()
+    targets = dec.target_matrices()
+
+    n_params = sum(get_parameter(dec.model, s.name).numel() for s in dec.specs)
+    faith = 0.0
+    for name, w in targets.items():
+        sub = dec.subcomponents[name]
+        for i in range(w.shape[0]):
+            for j in range(w.shape[1]):
+                faith += (w[i, j] - sum(sub.V[i, c] * sub.U[c, j] for c in range(sub.n_subcomponents))) ** 2
+    torch.testing.assert_close(terms["faithfulness"], faith / n_params, rtol=1e-6, atol=0)
+
+    def run(masks_by_site, deltas_by_site, only=None):
+        """Output of example n with each site at its own masked weight (only ``only`` masked)."""
+        outs = []
+        for n in range(x.shape[0]):
+            weights = {}
+            for site in dec.sites:
+                weight, _, use = site.partition(":use")
+                if only is not None and site != only:
+                    weights[site] = None  # the target's own weight
+                else:
+                    weights[site] = masked_weight(dec, weight, masks_by_site[site][n], deltas_by_site[site][n])
+            if kind == "tms":
+                w0 = dec.model.W if weights["W"] is None else weights["W"]
+                w1 = dec.model.W if weights["W:use1"] is None else weights["W:use1"]
+                outs.append(torch.relu((x[n] @ w0) @ w1.T + dec.model.b_final))
+            else:
+                params = {k: v.detach() for k, v in dec.model.named_parameters()}
+                params.update({k: v for k, v in weights.items() if v is not None})
+                outs.append(functional_call(dec.model, params, (x[n][None],))[0])
+        return torch.stack(outs)
+
+    recon, layerwise = [], []
+    for masks, deltas in zip(masks_rec.calls, delta_rec.calls, strict=True):
+        by_site = {dec.sites[dec.site_keys.index(k)]: m for k, m in masks.items()}
+        d_by_site = {dec.sites[dec.site_keys.index(k)]: m for k, m in deltas.items()}
+        recon.append((run(by_site, d_by_site) - target_out).square().mean())
+        for site in dec.sites:
+            layerwise.append((run(by_site, d_by_site, only=site) - target_out).square().mean())
+    torch.testing.assert_close(terms["stochastic_recon"], sum(recon) / len(recon), rtol=1e-6, atol=0)
+    torch.testing.assert_close(terms["stochastic_recon_layerwise"], sum(layerwise) / len(layerwise), rtol=1e-6, atol=0)
+
+    _, upper = ci_by_loops(dec, x)
+    importance = 0.0
+    for site in dec.sites:
+        for c in range(upper[site].shape[1]):
+            importance += sum((upper[site][n, c] + 1e-12) ** 1.5 for n in range(x.shape[0])) / x.shape[0]
+    torch.testing.assert_close(terms["importance_minimality"], importance, rtol=1e-6, atol=0)
+    cfg = dec.config
+    want_total = (
+        terms["faithfulness"]
+        + terms["stochastic_recon"]
+        + terms["stochastic_recon_layerwise"]
+        + cfg.importance_minimality_coeff * terms["importance_minimality"]
+    )
+    torch.testing.assert_close(terms["total"], want_total)
+    # the masks are g + (1 - g) r with r in [0, 1): never below the CI, never above 1
+    lower, _ = ci_by_loops(dec, x)
+    for k, m in masks_rec.calls[0].items():
+        g = lower[dec.sites[dec.site_keys.index(k)]]
+        assert bool((m >= g - 1e-12).all()) and bool((m <= 1).all())
+
+
+def test_gradients_reach_every_trainable_parameter():
+    dec, x = make("mlp")
+    dec.losses(x, torch.Generator().manual_seed(0))["total"].backward()
+    missing = [n for n, p in dec.named_parameters() if not n.startswith("model.") and p.grad is None]
+    assert not missing
+
+
+# ----------------------------------------------------------------------------- sigmoids
+def test_sigmoids_forward_and_gradients_match_their_piecewise_definitions():
+    z = torch.tensor([-2.0, -0.3, 0.0, 0.2, 0.7, 1.0, 1.4, 3.0], requires_grad=True)
+    for sign in (1.0, -1.0):
+        g = sign * torch.linspace(0.5, 1.5, z.shape[0])
+        (grad,) = torch.autograd.grad(lower_leaky_hard_sigmoid(z), z, g)
+        for k, v in enumerate(z.tolist()):
+            if v <= 0:
+                want = 0.01 * g[k] if g[k] < 0 else 0.0  # leaks only where descent raises z
+            elif v <= 1:
+                want = g[k]
+            else:
+                want = 0.0
+            assert float(grad[k]) == pytest.approx(float(want), abs=1e-12), (v, sign)
+    with torch.no_grad():
+        torch.testing.assert_close(lower_leaky_hard_sigmoid(z), torch.tensor([min(max(v, 0), 1) for v in z.tolist()]))
+    up = upper_leaky_hard_sigmoid(z)
+    want = torch.tensor([0 if v <= 0 else (v if v <= 1 else 1 + 0.01 * (v - 1)) for v in z.tolist()])
+    torch.testing.assert_close(up.detach(), want)
+    (grad,) = torch.autograd.grad(up.sum(), z)
+    want = torch.tensor([0.0 if v <= 0 else (1.0 if v <= 1 else 0.01) for v in z.tolist()])
+    torch.testing.assert_close(grad, want)
