@@ -118,7 +118,7 @@ def build_case(name: str, n_components: int | None = None, probes: int | None = 
 
 def time_steps(dec: Decomposition, x, repeats: int) -> dict[str, float]:
     """Median milliseconds of each part of a step and of the whole step."""
-    optimizer = make_optimizer(dec.component_parameters(), lr=1e-4)
+    optimizer = make_optimizer(dec.trainable_parameters(), lr=1e-4)
     samples: dict[str, list[float]] = defaultdict(list)
 
     @contextlib.contextmanager
@@ -201,7 +201,7 @@ def step_matmul_calls(dec: Decomposition, x) -> list[tuple]:
                 self.calls.append((func, tuple(describe(a) for a in args), tuple(sorted(kwargs.items()))))
             return func(*args, **kwargs)
 
-    for param in dec.component_parameters():
+    for param in dec.trainable_parameters():
         param.grad = None
     with Recorder() as recorder:
         dec.losses(x)["total"].backward()

@@ -1,4 +1,4 @@
-"""Run by tests/test_distributed.py: a small TMS decomposition, single process or under torchrun."""
+"""Run by tests/test_distributed.py: a small TMS decomposition (APD or SPD), single process or under torchrun."""
 
 import sys
 
@@ -10,7 +10,7 @@ from apd_lens.models.tms import TMS
 from apd_lens.training import distributed
 
 
-def main(out_path: str) -> None:
+def main(out_path: str, method: str) -> None:
     torch.manual_seed(0)
     model = TMS(8, 3, seed=0).double()
     data = torch.rand(512, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
@@ -26,6 +26,10 @@ def main(out_path: str) -> None:
         simplicity_coeff=0.5,
         schatten_p=0.9,
     )
+    if method == "spd":
+        config = apd_lens.SPDConfig(
+            n_subcomponents=6, steps=30, batch_size=64, lr=1e-2, progress=False, log_every=10, n_mask_samples=2
+        )
     dec = apd_lens.decompose(model, data, config)
     if distributed.is_main_process():
         torch.save(
@@ -36,4 +40,4 @@ def main(out_path: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], sys.argv[2])

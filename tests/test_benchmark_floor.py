@@ -27,7 +27,7 @@ def calls_of(bench, total):
     """The matmul calls ``step_matmul_calls`` records for a step whose loss is ``total()``."""
 
     class Step:  # a Decomposition stand-in: step_matmul_calls only needs losses() and the parameters
-        def component_parameters(self):
+        def trainable_parameters(self):
             return []
 
         def losses(self, _x):

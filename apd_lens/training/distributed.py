@@ -110,7 +110,7 @@ def data_parallel_step(decomposition: nn.Module) -> Callable[[Tensor, torch.Gene
     when running distributed (gradients of the component parameters are averaged over ranks)."""
     if not is_distributed():
         return lambda x, generator=None, step=None: decomposition.losses(x, generator=generator, step=step)
-    device = next(iter(decomposition.component_parameters())).device
+    device = decomposition.trainable_parameters()[0].device
     ids = [device.index] if device.type == "cuda" else None
     return DistributedDataParallel(_LossStep(decomposition), device_ids=ids)
 
