@@ -341,3 +341,15 @@ def test_sigmoids_forward_and_gradients_match_their_piecewise_definitions():
     (grad,) = torch.autograd.grad(up.sum(), z)
     want = torch.tensor([0.0 if v <= 0 else (1.0 if v <= 1 else 0.01) for v in z.tolist()])
     torch.testing.assert_close(grad, want)
+
+
+def test_both_sigmoids_in_one_node_give_the_sum_of_their_gradients():
+    from apd_lens.methods.spd.sigmoids import leaky_hard_sigmoids
+
+    z = torch.tensor([-2.0, -0.3, 0.0, 0.2, 0.7, 1.0, 1.4, 3.0], requires_grad=True)
+    g_lo, g_up = torch.linspace(-1, 1, 8), torch.linspace(2, -1, 8)
+    lower, upper = leaky_hard_sigmoids(z)
+    (both,) = torch.autograd.grad((lower * g_lo).sum() + (upper * g_up).sum(), z)
+    (one,) = torch.autograd.grad((lower_leaky_hard_sigmoid(z) * g_lo).sum(), z)
+    (two,) = torch.autograd.grad((upper_leaky_hard_sigmoid(z) * g_up).sum(), z)
+    torch.testing.assert_close(both, one + two)

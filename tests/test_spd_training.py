@@ -207,3 +207,22 @@ def test_shortened_tms_5_2_recovery():
     dec = apd_lens.decompose(model, TMSData(5, cfg.batch_size, seed=1001), cfg)
     mmcs, ml2r = mmcs_ml2r(dec.subcomponent_weights()["W"], model.W.detach())
     assert mmcs >= 0.99 and abs(ml2r - 1) <= 0.1, (mmcs, ml2r)
+
+
+def test_a_users_own_model_with_weight_specs_and_a_run_dir(tmp_path):
+    """decompose(..., weights=[WeightSpec...]) on a user's HookedRootModule, with metrics.jsonl written."""
+    import json
+
+    from tests.toy_models import TwoLayerMLP, two_layer_specs
+
+    model = TwoLayerMLP()
+    data = torch.randn(64, 4)
+    cfg = small_config(n_subcomponents={"W1": 5, "W2": 3}, ci_fn="shared_mlp", use_delta_component=False)
+    dec = apd_lens.decompose(model, data, cfg, weights=two_layer_specs(), run_dir=tmp_path / "run")
+    assert dec.sites == ["W1", "W2"] and dec.n_subcomponents("W2") == 3
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert rows == dec.loss_history and rows[-1]["step"] == 11
+    assert json.loads((tmp_path / "run" / "cfg.json").read_text())["method"] == "spd"
+    again = apd_lens.load(tmp_path / "run", model)
+    x = torch.randn(5, 4)
+    torch.testing.assert_close(again(x, "ci"), dec(x, "ci"))

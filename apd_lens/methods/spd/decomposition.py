@@ -35,7 +35,7 @@ from apd_lens.methods.spd.losses import (
     importance_minimality_loss,
     stochastic_masks,
 )
-from apd_lens.methods.spd.sigmoids import lower_leaky_hard_sigmoid, upper_leaky_hard_sigmoid
+from apd_lens.methods.spd.sigmoids import leaky_hard_sigmoids, lower_leaky_hard_sigmoid
 from apd_lens.methods.spd.subcomponents import Subcomponents
 
 CI_L0_THRESHOLD = 0.1
@@ -268,9 +268,9 @@ class SPDDecomposition(DecompositionBase):
             target = self.hooked_pass(x, act_hooks=cfg.act_recon_hooks)
         target_out = target.output.detach()
         with section("causal_importance"):
-            pre = self._ci_pre_sigmoid(target.enters)
-            ci = self._hooked_ci({k: lower_leaky_hard_sigmoid(z) for k, z in pre.items()}, target.batch_shape)
-            ci_upper = {k: upper_leaky_hard_sigmoid(z) for k, z in pre.items()}
+            both = {k: leaky_hard_sigmoids(z) for k, z in self._ci_pre_sigmoid(target.enters).items()}
+            ci = self._hooked_ci({k: lower for k, (lower, _) in both.items()}, target.batch_shape)
+            ci_upper = {k: upper for k, (_, upper) in both.items()}
         with section("faithfulness"):
             targets = self.target_matrices()
             sums = self.summed_matrices()
