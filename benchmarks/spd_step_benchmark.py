@@ -16,19 +16,17 @@ same matmul calls each run alone).
 
 from __future__ import annotations
 
-import argparse
 import json
-import multiprocessing as mp
-import os
 import resource
 import sys
 
 import torch
 from step_benchmark import (  # this directory is on sys.path when run as a script
     build_case,
+    in_subprocess,
     matmul_flop,
     matmul_rate,
-    positive_int,
+    parse_common,
     replayed_matmul_ms,
     step_matmul_calls,
     time_steps,
@@ -99,44 +97,11 @@ def measure(name: str, repeats: int) -> dict:
     return result
 
 
-def run_case(name: str, repeats: int, queue) -> None:
-    try:
-        queue.put(measure(name, repeats))
-    except Exception:  # report the failure to the parent instead of leaving it waiting
-        import traceback
-
-        queue.put({"error": traceback.format_exc()})
-
-
-def in_subprocess(name: str, repeats: int) -> dict:
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=run_case, args=(name, repeats, queue))
-    proc.start()
-    result = queue.get()
-    proc.join()
-    if "error" in result:
-        raise RuntimeError(f"benchmark case {name!r} failed:\n{result['error']}")
-    return result
-
-
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cases", default=",".join(CASES))
-    parser.add_argument("--repeats", type=positive_int, default=5)
-    parser.add_argument("--threads", type=positive_int, default=None, help="torch threads per case (default: torch's)")
-    parser.add_argument("--json", default=None, help="also write the results to this file")
-    args = parser.parse_args(argv)
-    unknown = [name for name in args.cases.split(",") if name not in CASES]
-    if unknown:
-        parser.error(f"unknown case(s) {', '.join(unknown)}; choose from {', '.join(CASES)}")
-    if args.threads:
-        os.environ["OMP_NUM_THREADS"] = str(args.threads)  # inherited by the spawned case processes
-        torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, repeats {args.repeats}")
+    args = parse_common(__doc__, CASES, argv)
     results = {}
     for name in args.cases.split(","):
-        res = in_subprocess(name, args.repeats)
+        res = in_subprocess(measure, name, args.repeats)
         results[name] = res
         for variant in ("apd", "spd", "spd-plain-ci"):
             row = res[variant]

@@ -141,9 +141,10 @@ def time_steps(dec: Decomposition, x, repeats: int) -> dict[str, float]:
     return {k: 1000 * statistics.median(v[1:]) for k, v in samples.items()}
 
 
-def run_case(name: str, repeats: int, n_components: int | None, probes: int | None, baseline: bool, queue) -> None:
+def run_measure(measure, args: tuple, queue) -> None:
+    """In a case's process: ``measure(*args)`` put on ``queue``, or the traceback of its failure."""
     try:
-        queue.put(measure_case(name, repeats, n_components, probes, baseline))
+        queue.put(measure(*args))
     except Exception:  # report the failure to the parent instead of leaving it waiting
         import traceback
 
@@ -283,10 +284,11 @@ def matmul_rate(size: int = 2048, repeats: int = 5) -> float:
     return 2 * size**3 * repeats / (time.perf_counter() - start) / 1e9
 
 
-def in_subprocess(*args) -> dict:
+def in_subprocess(measure, *args) -> dict:
+    """``measure(*args)`` in a spawned process (so peak memories do not mix): its result, or its error raised."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    proc = ctx.Process(target=run_case, args=(*args, queue))
+    proc = ctx.Process(target=run_measure, args=(measure, args, queue))
     proc.start()
     result = queue.get()
     proc.join()
@@ -295,26 +297,34 @@ def in_subprocess(*args) -> dict:
     return result
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cases", default=",".join(CASES))
+def parse_common(doc: str, cases: tuple[str, ...], argv: list[str] | None, scaling: bool = False) -> argparse.Namespace:
+    """The benchmark scripts' shared arguments (cases, repeats, threads, json), checked before any case runs;
+    ``--threads`` is applied here (and inherited by the spawned case processes)."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cases", default=",".join(cases))
     parser.add_argument("--repeats", type=positive_int, default=5)
-    parser.add_argument("--scaling", action="store_true")
+    if scaling:
+        parser.add_argument("--scaling", action="store_true")
     parser.add_argument("--json", default=None, help="also write the results to this file")
     parser.add_argument("--threads", type=positive_int, default=None, help="torch threads per case (default: torch's)")
     args = parser.parse_args(argv)
-    unknown = [name for name in args.cases.split(",") if name not in CASES]
+    unknown = [name for name in args.cases.split(",") if name not in cases]
     if unknown:  # before any case runs, not after the earlier ones
-        parser.error(f"unknown case(s) {', '.join(unknown)}; choose from {', '.join(CASES)}")
+        parser.error(f"unknown case(s) {', '.join(unknown)}; choose from {', '.join(cases)}")
     if args.threads:
-        os.environ["OMP_NUM_THREADS"] = str(args.threads)  # inherited by the spawned case processes
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)
         torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, repeats {args.repeats}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_common(__doc__, CASES, argv, scaling=True)
     results = {}
     header = f"{'case':<16}{'variant':<10}" + "".join(f"{p:>15}" for p in (*PARTS, "step")) + f"{'peak MB':>10}"
     print(header)
     for name in args.cases.split(","):
-        res = in_subprocess(name, args.repeats, None, None, True)
+        res = in_subprocess(measure_case, name, args.repeats, None, None, True)
         results[name] = res
         for variant in ("baseline", "batched", "ours"):
             row = res[variant]
@@ -351,35 +361,25 @@ def scaling(repeats: int) -> dict:
     out: dict = {"width": {}, "C": {}}
     print("\nstep time vs output width (TMS n_features -> 10 hidden, C 40, 16 probes, batch 256)")
     for width in (10, 100, 1000, 10_000):
-        res = in_subprocess_width(width, repeats)
+        res = in_subprocess(measure_width, width, repeats)
         out["width"][width] = res
         print(f"  width {width:>6}: step {res['step']:8.2f} ms  attribution {res['attribution']:8.2f} ms")
     print("step time vs C (TMS 40-10, exact attributions)")
     for c in (10, 40, 160, 640):
-        res = in_subprocess("tms-40-10", repeats, c, None, False)["ours"]
+        res = in_subprocess(measure_case, "tms-40-10", repeats, c, None, False)["ours"]
         out["C"][c] = res
         print(f"  C {c:>5}: step {res['step']:8.2f} ms  attribution {res['attribution']:8.2f} ms")
     return out
 
 
-def _width_case(width: int, repeats: int, queue) -> None:
+def measure_width(width: int, repeats: int) -> dict:
     keep_freed_memory()
     from apd_lens.models.tms import TMS, TMSData
 
     model = TMS(width, 10)  # output width = n_features
     config = APDConfig(n_components=40, topk=2.0, batch_size=256, attribution_probes=16, progress=False)
     dec = Decomposition(model, model.apd_weight_specs(), config)
-    queue.put(time_steps(dec, TMSData(width, 256, seed=1).sample(), repeats))
-
-
-def in_subprocess_width(width: int, repeats: int) -> dict:
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=_width_case, args=(width, repeats, queue))
-    proc.start()
-    result = queue.get()
-    proc.join()
-    return result
+    return time_steps(dec, TMSData(width, 256, seed=1).sample(), repeats)
 
 
 if __name__ == "__main__":

@@ -130,7 +130,18 @@ def test_spd_train_decompose_resume_report(tmp_path, capsys):
     """SPD through the CLI on TMS 5-2 with the identity: decompose, resume (the run's method), report."""
     target = tmp_path / "target"
     assert main(["train-target", "tms-5-2-id", "--out", str(target), "--steps", "50", "--no-progress"]) == 0
-    argv = ["decompose", str(target), "--method", "spd", "--steps", "8", "--batch-size", "32", "--checkpoint-every", "4"]
+    argv = [
+        "decompose",
+        str(target),
+        "--method",
+        "spd",
+        "--steps",
+        "8",
+        "--batch-size",
+        "32",
+        "--checkpoint-every",
+        "4",
+    ]
     sets = ["--set", "n_subcomponents=5", "--set", "faithfulness_warmup_steps=3", "--no-progress"]
     assert main([*argv, "--out", str(tmp_path / "a"), "--keep-checkpoints", "0", *sets]) == 0
     assert main([*argv, "--out", str(tmp_path / "b"), "--keep-checkpoints", "0", *sets]) == 0

@@ -12,8 +12,7 @@ from torch.func import functional_call
 from apd_lens import APDConfig
 from apd_lens.methods.apd.decomposition import Decomposition
 from apd_lens.methods.apd.masks import batch_topk_mask, per_example_topk_mask
-from apd_lens.models.tms import TMS
-from tests.toy_models import TwoLayerMLP, two_layer_specs
+from tests.toy_models import TwoLayerMLP, tms_with_bias, two_layer_specs
 
 
 @pytest.fixture(autouse=True)
@@ -24,11 +23,7 @@ def _float64(float64):
 def make(kind: str, source: str = "target", **cfg):
     torch.manual_seed(0)
     if kind == "tms":
-        model = TMS(5, 3, seed=1).double()
-        with torch.no_grad():
-            model.b_final.normal_(0, 0.1)
-        specs = model.apd_weight_specs()
-        x = torch.rand(7, 5) * (torch.rand(7, 5) < 0.6)
+        model, specs, x = tms_with_bias()
     else:
         model = TwoLayerMLP().double()
         specs = two_layer_specs()

@@ -16,8 +16,7 @@ import apd_lens.methods.spd.decomposition as spd_module
 from apd_lens import SPDConfig, SPDDecomposition
 from apd_lens.engine.spec import get_parameter
 from apd_lens.methods.spd.sigmoids import lower_leaky_hard_sigmoid, upper_leaky_hard_sigmoid
-from apd_lens.models.tms import TMS
-from tests.toy_models import TwoLayerMLP, two_layer_specs
+from tests.toy_models import TwoLayerMLP, tms_with_bias, two_layer_specs
 from tests.transformer_checks import _matrix_by_hand, randomize_
 
 
@@ -43,11 +42,7 @@ def _param_by_hand(matrix: torch.Tensor, spec, shape) -> torch.Tensor:
 def make(kind: str, n_sub: int = 4, delta: bool = True, **cfg):
     torch.manual_seed(0)
     if kind == "tms":
-        model = TMS(5, 3, seed=1).double()
-        with torch.no_grad():
-            model.b_final.normal_(0, 0.1)
-        specs = model.apd_weight_specs()
-        x = torch.rand(6, 5) * (torch.rand(6, 5) < 0.6)
+        model, specs, x = tms_with_bias()
     elif kind == "mlp":
         model = TwoLayerMLP().double()
         specs = two_layer_specs()

@@ -37,3 +37,15 @@ def two_layer_specs() -> list[WeightSpec]:
         WeightSpec("W1", (WeightUse("hook_in", "hook_pre", bias="b1"),)),
         WeightSpec("W2", (WeightUse("hook_post", "hook_out", bias="b2"),)),
     ]
+
+
+def tms_with_bias(n_features: int = 5, n_hidden: int = 3) -> tuple:
+    """A float64 TMS with a random output bias (TL-style zero biases would hide bias bugs) and a batch of
+    7 sparse inputs: ``(model, specs, x)``."""
+    from apd_lens.models.tms import TMS
+
+    model = TMS(n_features, n_hidden, seed=1).double()
+    with torch.no_grad():
+        model.b_final.normal_(0, 0.1)
+    x = torch.rand(7, n_features) * (torch.rand(7, n_features) < 0.6)
+    return model, model.apd_weight_specs(), x

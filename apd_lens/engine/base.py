@@ -139,6 +139,15 @@ class DecompositionBase(HookedRootModule):
         """Weight name -> the target's ``[d_in, d_out]`` matrix."""
         return {s.name: s.to_matrix(get_parameter(self.model, s.name)).detach() for s in self.specs}
 
+    @torch.no_grad()
+    def in_parameter_shapes(self, matrices: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Weight name -> ``[n, d_in, d_out]`` matrices viewed in the parameter's own shape, ``[n, *shape]``."""
+        out = {}
+        for spec in self.specs:
+            shape = get_parameter(self.model, spec.name).shape
+            out[spec.name] = spec.from_matrix(matrices[spec.name], shape)
+        return out
+
     def trainable_parameters(self) -> list[nn.Parameter]:
         """Every parameter of the decomposition that is not the target's."""
         return [p for name, p in self.named_parameters() if not name.startswith("model.")]

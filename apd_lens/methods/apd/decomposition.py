@@ -126,11 +126,7 @@ class Decomposition(DecompositionBase):
     @torch.no_grad()
     def component_weights(self) -> dict[str, Float[Tensor, "C ..."]]:
         """Weight name -> the components ``P_c`` in the parameter's own shape: [C, *shape]."""
-        out = {}
-        for spec in self.specs:
-            shape = get_parameter(self.model, spec.name).shape
-            out[spec.name] = spec.from_matrix(self._components[spec.name].component_matrices(), shape)
-        return out
+        return self.in_parameter_shapes({n: c.component_matrices() for n, c in self._components.items()})
 
     # ----------------------------------------------------------------- passes
     def _forward(self, x: Tensor, **kw) -> PassRecord:

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from apd_lens.engine.base import DecompositionBase
 from apd_lens.engine.hooked_forward import PassRecord, Replacement, UseKey
 from apd_lens.engine.losses import activation_recon_loss, output_loss
-from apd_lens.engine.spec import WeightSpec, get_parameter
+from apd_lens.engine.spec import WeightSpec
 from apd_lens.methods.spd.config import SPDConfig
 from apd_lens.methods.spd.losses import (
     delta_masks,
@@ -100,11 +100,7 @@ class SPDDecomposition(DecompositionBase):
     @torch.no_grad()
     def subcomponent_weights(self) -> dict[str, Float[Tensor, "C ..."]]:
         """Weight name -> every subcomponent ``V[:, c] ⊗ U[c, :]`` in the parameter's own shape: [C, *shape]."""
-        out = {}
-        for spec in self.specs:
-            shape = get_parameter(self.model, spec.name).shape
-            out[spec.name] = spec.from_matrix(self._subcomponents[spec.name].subcomponent_matrices(), shape)
-        return out
+        return self.in_parameter_shapes({n: s.subcomponent_matrices() for n, s in self._subcomponents.items()})
 
     def weight_parts(self) -> dict[str, Tensor]:
         """The rank-one subcomponents of every weight (see :meth:`subcomponent_weights`)."""
