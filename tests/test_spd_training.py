@@ -195,18 +195,19 @@ def test_hooks_show_ci_and_subcomponent_acts_in_run_with_cache():
 
 
 def test_shortened_tms_5_2_recovery():
-    """A short SPD run on TMS 5-2 (seed 1) finds every feature's direction in one subcomponent.
-    Thresholds measured: see docs/results.md."""
+    """A short SPD run on TMS 5-2 (seed 1; 3000 steps at lr 3e-3) finds every feature in one subcomponent,
+    at full length: the issue's bar for full runs. Measured with this config, seeds 1-5: MMCS 0.99987-0.99996,
+    ML2R 0.9964-0.9976, ~17 s each at 1 thread."""
     from apd_lens.analysis.metrics import mmcs_ml2r
     from apd_lens.models.tms import train_tms
 
     torch.manual_seed(1)
     model = TMS(5, 2, seed=1)
     train_tms(model, steps=2000, seed=1, progress=False)
-    cfg = model.spd_default_config().replace(steps=1500, batch_size=1024, progress=False, seed=1)
+    cfg = model.spd_default_config().replace(steps=3000, lr=3e-3, progress=False, seed=1)
     dec = apd_lens.decompose(model, TMSData(5, cfg.batch_size, seed=1001), cfg)
     mmcs, ml2r = mmcs_ml2r(dec.subcomponent_weights()["W"], model.W.detach())
-    assert mmcs >= 0.99 and abs(ml2r - 1) <= 0.1, (mmcs, ml2r)
+    assert mmcs >= 0.999 and abs(ml2r - 1) <= 0.02, (mmcs, ml2r)
 
 
 def test_a_users_own_model_with_weight_specs_and_a_run_dir(tmp_path):
