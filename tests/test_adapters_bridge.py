@@ -15,7 +15,7 @@ pytest.importorskip("transformer_lens.model_bridge")
 from transformer_lens.config import TransformerBridgeConfig  # noqa: E402
 from transformer_lens.model_bridge import TransformerBridge  # noqa: E402
 
-from apd_lens import APDConfig, decompose  # noqa: E402
+from apd_lens import APDConfig, SPDConfig, decompose  # noqa: E402
 from apd_lens.adapters import select_weights, specs_for_model, weight_catalog  # noqa: E402
 from tests.transformer_checks import check_exact_split, randomize_  # noqa: E402
 
@@ -71,3 +71,16 @@ def test_decompose_bridge_runs():
     cfg = APDConfig(n_components=3, rank=2, steps=2, batch_size=4, output_loss="kl", progress=False)
     decomp = decompose(bridge, data, cfg, weights=select_weights(bridge, ["embed.W_E", "blocks.0.attn.W_Q"]))
     assert decomp.topk_mask(data[:4]).shape == (4, 5, 3)
+
+
+def test_spd_through_the_bridge_runs_with_tokens_as_data_points():
+    bridge = build(normalization_type="LN", n_layers=1)
+    data = torch.randint(0, 19, (8, 5), generator=torch.Generator().manual_seed(0))
+    cfg = SPDConfig(n_subcomponents=3, steps=2, batch_size=4, output_loss="kl", progress=False)
+    specs = select_weights(bridge, ["embed.W_E", "blocks.0.mlp.W_in"])
+    dec = decompose(bridge, data, cfg, weights=specs)
+    ci = dec.causal_importances(data[:4])  # keyed by the bridge's own parameter names
+    assert {k: tuple(v.shape) for k, v in ci.items()} == {s.name: (4, 5, 3) for s in specs}
+    ones = {k: torch.ones_like(v) for k, v in ci.items()}
+    with torch.no_grad():  # all subcomponents and the delta on: the target's logits
+        torch.testing.assert_close(dec(data[:4], ones), bridge(data[:4]), rtol=1e-4, atol=1e-4)

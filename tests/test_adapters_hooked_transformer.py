@@ -11,7 +11,7 @@ pytest.importorskip("transformer_lens.HookedTransformer")
 
 from transformer_lens import HookedTransformer, HookedTransformerConfig  # noqa: E402
 
-from apd_lens import APDConfig, decompose  # noqa: E402
+from apd_lens import APDConfig, SPDConfig, decompose  # noqa: E402
 from apd_lens.adapters import select_weights, specs_for_model, weight_catalog  # noqa: E402
 from apd_lens.adapters.hooked_transformer import fold_norms  # noqa: E402
 from tests.transformer_checks import check_exact_split, randomize_  # noqa: E402
@@ -121,3 +121,14 @@ def test_decompose_runs_on_tokens_with_kl():
     assert mask.shape == (4, 6, 4)  # one mask row per token
     assert mask.sum().item() == int(1.0 * 4 * 6)  # batch top-k over all tokens of the batch
     assert torch.isfinite(torch.tensor([r["total"] for r in decomp.loss_history])).all()
+
+
+def test_spd_learns_on_tokens_with_kl():
+    """SPD on every weight of a 1-layer model, tokens as data points: the stochastic-masked KL falls."""
+    model = build(normalization_type="LNPre", n_layers=1)
+    data = torch.randint(0, 19, (64, 6), generator=torch.Generator().manual_seed(0))
+    cfg = SPDConfig(n_subcomponents=6, steps=60, batch_size=16, lr=1e-2, output_loss="kl", log_every=59, progress=False)
+    dec = decompose(model, data, cfg)
+    assert len(dec.specs) == 4 + 2 + 1 and dec.causal_importances(data[:2])["blocks.0.mlp.W_in"].shape == (2, 6, 6)
+    first, last = dec.loss_history[0], dec.loss_history[-1]
+    assert last["stochastic_recon"] < 0.5 * first["stochastic_recon"], (first, last)

@@ -227,3 +227,19 @@ def test_a_users_own_model_with_weight_specs_and_a_run_dir(tmp_path):
     again = apd_lens.load(tmp_path / "run", model)
     x = torch.randn(5, 4)
     torch.testing.assert_close(again(x, "ci"), dec(x, "ci"))
+
+
+def test_mmcs_ml2r_can_leave_out_negligible_parts():
+    """A leftover part of norm 1e-4 pointing exactly along feature 1 wins its max cosine in the papers'
+    metric; with min_norm_frac it takes no part (checked against the loop written here)."""
+    from apd_lens.analysis.metrics import mmcs_ml2r
+
+    target = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+    parts = torch.zeros(3, 2, 2)
+    parts[0, 0] = torch.tensor([1.0, 0.0])
+    parts[1, 1] = torch.tensor([0.01, 2.0])  # cos 0.99999
+    parts[2, 1] = torch.tensor([0.0, 1e-4])  # cos 1, negligible
+    assert mmcs_ml2r(parts, target) == pytest.approx((1.0, (1.0 + 5e-5) / 2))
+    cos = 2.0 / (0.01**2 + 4.0) ** 0.5
+    ratio = (0.01**2 + 4.0) ** 0.5 / 2.0
+    assert mmcs_ml2r(parts, target, min_norm_frac=0.01) == pytest.approx(((1.0 + cos) / 2, (1.0 + ratio) / 2))
