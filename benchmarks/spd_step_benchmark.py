@@ -1,14 +1,17 @@
 """Time one SPD step and its parts next to one APD step, on the same models, in one run.
 
-    python benchmarks/spd_step_benchmark.py [--cases tms-5-2,tms-40-10,tms-40-10-ref,resid-mlp-1,transformer-2l]
-                                            [--repeats 5] [--threads N] [--json out.json]
+    python benchmarks/spd_step_benchmark.py [--cases tms-5-2,tms-40-10-ref,...] [--repeats 5] [--threads N]
+                                            [--json out.json]
+
+Cases: tms-5-2, tms-5-2-ref, tms-40-10, tms-40-10-ref, resid-mlp-1, transformer-2l (default: all).
 
 Per case (each in its own subprocess, so peak memories do not mix), on one untrained target and one
 batch: "apd" (the model's APD default, as in step_benchmark.py), "spd" (the model's SPD default:
 ``spd_default_config()``; a generic SPDConfig for the transformer) and "spd-plain-ci", the same SPD
 step with the per-subcomponent CI MLPs computed by their plain formula (one [n, C, hidden] tensor
 through autograd, as the reference code does) instead of apd_lens' fused, cache-sized slices.
-``tms-40-10-ref`` is TMS 40-10 at the reference code's own size (C 200 per matrix, batch 4096).
+``tms-5-2-ref`` and ``tms-40-10-ref`` are at the reference code's own sizes (C 20 / 200 per matrix, batch
+4096), for comparison with its step times; the residual MLP's default is the reference's size (C 100, 2048).
 Prints milliseconds per part, the full step, data points per step, ratios, peak resident memory, and
 the SPD step's matmul floor (its matmuls' FLOPs at this machine's large-matmul rate) and REPLAY (the
 same matmul calls each run alone).
@@ -39,15 +42,18 @@ from apd_lens.methods.spd.decomposition import SPDDecomposition
 from apd_lens.training.loop import resolve_specs
 from apd_lens.training.malloc_tuning import keep_freed_memory
 
-CASES = ("tms-5-2", "tms-40-10", "tms-40-10-ref", "resid-mlp-1", "transformer-2l")
+CASES = ("tms-5-2", "tms-5-2-ref", "tms-40-10", "tms-40-10-ref", "resid-mlp-1", "transformer-2l")
+REFERENCE_SIZES = {"tms-5-2-ref": (20, 4096), "tms-40-10-ref": (200, 4096)}
+"""(C per matrix, batch) of the reference code's own TMS configs."""
 
 
 def spd_config(name: str, model) -> SPDConfig:
     if name == "transformer-2l":
         return SPDConfig(n_subcomponents=40, batch_size=16, output_loss="kl", progress=False)
     config = model.spd_default_config().replace(progress=False)
-    if name == "tms-40-10-ref":
-        config = config.replace(n_subcomponents=200, batch_size=4096)
+    if name in REFERENCE_SIZES:
+        c, batch = REFERENCE_SIZES[name]
+        config = config.replace(n_subcomponents=c, batch_size=batch)
     return config
 
 
@@ -71,7 +77,7 @@ def plain_ci(self, inner):
 def measure(name: str, repeats: int) -> dict:
     keep_freed_memory()  # as decompose() does
     torch.manual_seed(0)
-    apd_name = "tms-40-10" if name == "tms-40-10-ref" else name
+    apd_name = name.removesuffix("-ref")
     model, apd_cfg, x_apd = build_case(apd_name)
     specs = resolve_specs(model, None, None)
     result = {}
