@@ -196,8 +196,10 @@ def test_hooks_show_ci_and_subcomponent_acts_in_run_with_cache():
 
 def test_shortened_tms_5_2_recovery():
     """A short SPD run on TMS 5-2 (seed 1; 3000 steps at lr 3e-3) finds every feature in one subcomponent,
-    at full length: the issue's bar for full runs. Measured with this config, seeds 1-5: MMCS 0.99987-0.99996,
-    ML2R 0.9964-0.9976, ~17 s each at 1 thread."""
+    at full length: the issue's bar for full runs. Measured with this config (C 40), seeds 1-5: MMCS
+    0.99985-0.999998, ML2R 0.9963-0.9975 over parts with norm >= 1% of the largest (as examples/tms.py's last
+    line). Over all parts seed 3 gives ML2R 0.7975: a leftover of norm < 1% has the best cosine for one
+    feature (docs/results.md, "SPD")."""
     from apd_lens.analysis.metrics import mmcs_ml2r
     from apd_lens.models.tms import train_tms
 
@@ -206,7 +208,7 @@ def test_shortened_tms_5_2_recovery():
     train_tms(model, steps=2000, seed=1, progress=False)
     cfg = model.spd_default_config().replace(steps=3000, lr=3e-3, progress=False, seed=1)
     dec = apd_lens.decompose(model, TMSData(5, cfg.batch_size, seed=1001), cfg)
-    mmcs, ml2r = mmcs_ml2r(dec.subcomponent_weights()["W"], model.W.detach())
+    mmcs, ml2r = mmcs_ml2r(dec.subcomponent_weights()["W"], model.W.detach(), min_norm_frac=0.01)
     assert mmcs >= 0.999 and abs(ml2r - 1) <= 0.02, (mmcs, ml2r)
 
 

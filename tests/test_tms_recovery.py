@@ -29,4 +29,4 @@ def test_tms_5_2_shortened_recovery(tmp_path, capsys):
     assert last == f"MMCS={mmcs:.4f} ML2R={ml2r:.4f}"
     assert mmcs >= 0.99, last
     assert 0.7 <= ml2r <= 1.1, last
-    assert (tmp_path / "tms_5-2_seed1.png").stat().st_size > 10_000
+    assert (tmp_path / "tms_5-2_apd_seed1.png").stat().st_size > 10_000
