@@ -84,3 +84,76 @@ def test_spd_through_the_bridge_runs_with_tokens_as_data_points():
     ones = {k: torch.ones_like(v) for k, v in ci.items()}
     with torch.no_grad():  # all subcomponents and the delta on: the target's logits
         torch.testing.assert_close(dec(data[:4], ones), bridge(data[:4]), rtol=1e-4, atol=1e-4)
+
+
+def _bridge_and_hooked_transformer_with_the_same_weights():
+    """A TransformerBridge and a HookedTransformer (LNPre: no norm weights to fold) of one config, the
+    bridge's linear and embedding layers set from the HookedTransformer's weights by explicit reshapes."""
+    from apd_lens.engine.spec import get_parameter
+
+    try:
+        from transformer_lens import HookedTransformer, HookedTransformerConfig
+    except ImportError:  # transformer-lens 4.x removed it
+        pytest.skip("this transformer-lens has no HookedTransformer")
+
+    overrides = dict(normalization_type="LNPre", act_fn="gelu_new")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ht = HookedTransformer(HookedTransformerConfig(**{**BASE, **overrides})).eval()
+    randomize_(ht, seed=3)
+    bridge = build(**overrides)
+    ht_specs, br_specs = weight_catalog(ht).specs, weight_catalog(bridge).specs
+    n_heads, d_head = BASE["n_heads"], BASE["d_head"]
+    with torch.no_grad():
+        for tl_name, br_spec in br_specs.items():
+            w = get_parameter(ht, tl_name)
+            if tl_name.endswith(("W_Q", "W_K", "W_V")):  # [h, d_model, d_head] -> Linear [(h e), d_model]
+                new = w.permute(0, 2, 1).reshape(n_heads * d_head, -1)
+            elif tl_name.endswith("W_O"):  # [h, d_head, d_model] -> Linear [d_model, (h e)]
+                new = w.reshape(n_heads * d_head, -1).T
+            elif tl_name.endswith(("W_E", "W_pos")):  # embeddings: same layout
+                new = w
+            else:  # W_in, W_out, W_U [d_in, d_out] -> Linear [d_out, d_in]
+                new = w.T
+            get_parameter(bridge, br_spec.name).copy_(new)
+            ht_bias = ht_specs[tl_name].uses[0].bias if tl_name in ht_specs else None
+            br_bias = br_spec.uses[0].bias
+            assert (ht_bias is None) == (br_bias is None), tl_name
+            if ht_bias is not None:
+                get_parameter(bridge, br_bias).copy_(get_parameter(ht, ht_bias).reshape(-1))
+    return bridge, ht
+
+
+def test_spd_masked_forward_through_the_bridge_equals_hooked_transformer():
+    """The same SPD decomposition (V, U and CI functions copied) of the same weights, through the bridge's
+    adapter and through HookedTransformer's: equal causal importances and equal masked forwards with random
+    masks and delta masks per token."""
+    from apd_lens import SPDDecomposition
+
+    bridge, ht = _bridge_and_hooked_transformer_with_the_same_weights()
+    x = tokens(batch=3, pos=7)
+    torch.testing.assert_close(bridge(x), ht(x), rtol=1e-5, atol=1e-5)  # the weights were paired right
+
+    names = [f"blocks.{layer}.{w}" for layer in range(2) for w in ("attn.W_Q", "attn.W_K", "attn.W_V", "attn.W_O")]
+    names += [f"blocks.{layer}.mlp.{w}" for layer in range(2) for w in ("W_in", "W_out")] + ["unembed.W_U"]
+    br_specs, ht_specs = weight_catalog(bridge).specs, weight_catalog(ht).specs
+    cfg = SPDConfig(n_subcomponents=5, ci_fn="mlp", progress=False)
+    dec_ht = SPDDecomposition(ht, [ht_specs[n] for n in names], cfg)
+    dec_br = SPDDecomposition(bridge, [br_specs[n] for n in names], cfg.replace(seed=1))
+    for n in names:  # the same matrix view ([d_in, d_out], heads as (h e)) on both sides
+        dec_br.subcomponents[br_specs[n].name].load_state_dict(dec_ht.subcomponents[n].state_dict())
+
+    gen = torch.Generator().manual_seed(7)
+    masks = {n: torch.rand(3, 7, 5, generator=gen) for n in names}
+    deltas = {n: torch.rand(3, 7, generator=gen) for n in names}
+    with torch.no_grad():
+        out_ht = dec_ht.forward_with_masks(x, masks, delta_masks=deltas).output
+        as_bridge = {n: br_specs[n].name for n in names}
+        out_br = dec_br.forward_with_masks(
+            x, {as_bridge[n]: m for n, m in masks.items()}, delta_masks={as_bridge[n]: d for n, d in deltas.items()}
+        ).output
+        ci_ht, ci_br = dec_ht.causal_importances(x), dec_br.causal_importances(x)
+    assert not torch.allclose(out_ht, ht(x), atol=1e-3)  # the masks change the output
+    torch.testing.assert_close(out_br, out_ht, rtol=1e-5, atol=1e-5)
+    for n in names:
+        torch.testing.assert_close(ci_br[br_specs[n].name], ci_ht[n], rtol=1e-5, atol=1e-5)
