@@ -14,8 +14,11 @@ from apd_lens.models.fact_lookup import (  # noqa: E402
     dedicated_facts,
     fact_accuracy,
     fact_lookup_apd_config,
+    fact_lookup_spd_config,
+    facts_with_own_subcomponent,
     make_fact_lookup_model,
     mlp_dependence,
+    stochastic_recon_kl,
     train_fact_lookup,
 )
 
@@ -90,3 +93,72 @@ def test_ablation_and_overlap_penalties_give_every_fact_its_own_sep_neuron():
         task.sequences(), fwd_hooks=[("blocks.0.mlp.hook_post", lambda t, hook: torch.cat([t[:, :1], 0 * t[:, 1:]], 1))]
     )
     assert (zeroed[:, -1].argmax(-1) != task.values()).all()  # without the MLP at SEP no fact is right
+
+
+class _FixedCI:
+    """Stands in for an SPD decomposition whose causal importances are given."""
+
+    def __init__(self, ci_at_sep: torch.Tensor):
+        self.ci_at_sep = ci_at_sep
+
+    def causal_importances(self, x):
+        ci = torch.zeros(x.shape[0], x.shape[1], self.ci_at_sep.shape[-1])
+        ci[:, -1] = self.ci_at_sep
+        return {"blocks.0.mlp.W_in": ci}
+
+
+def _facts_own_by_loops(ci: torch.Tensor) -> list[bool]:
+    own = []
+    for i in range(ci.shape[0]):
+        top = max(range(ci.shape[1]), key=lambda c: ci[i, c].item())
+        ok = ci[i, top].item() >= 0.5
+        for j in range(ci.shape[0]):
+            if j != i and ci[j, top].item() >= 0.1:
+                ok = False
+        own.append(ok)
+    return own
+
+
+def test_facts_with_own_subcomponent_matches_loops():
+    task = FactLookupTask(n_facts=6, seed=0)
+    gen = torch.Generator().manual_seed(0)
+    # designed: facts 0-2 own subcomponents 3, 1, 4; fact 3's top (5) also fires at fact 4 (0.2); fact 4's
+    # top is below 0.5; fact 5 shares fact 0's subcomponent
+    ci = torch.rand(6, 8, generator=gen) * 0.05
+    ci[0, 3], ci[1, 1], ci[2, 4] = 0.9, 1.0, 0.6
+    ci[3, 5], ci[4, 5], ci[4, 6] = 0.8, 0.2, 0.4
+    ci[5, 3] = 0.95
+    facts = facts_with_own_subcomponent(_FixedCI(ci), task)
+    assert facts.own == _facts_own_by_loops(ci) == [False, True, True, False, False, False]
+    assert facts.top[:5] == [3, 1, 4, 5, 6] and facts.n_own == 2
+    for seed in range(20):  # random CIs with many values near the thresholds
+        ci = (torch.rand(6, 8, generator=torch.Generator().manual_seed(seed)) ** 4).round(decimals=1)
+        ci += torch.arange(8) * 1e-4  # no ties in the argmax
+        facts = facts_with_own_subcomponent(_FixedCI(ci), task)
+        assert facts.own == _facts_own_by_loops(ci), seed
+
+
+def test_short_spd_decomposition_of_the_mlp(trained):
+    task, model = trained
+    config = fact_lookup_spd_config(task, steps=20, batch_size=32, progress=False)
+    keys = task.sample_keys(256, torch.Generator().manual_seed(1))
+    dec = apd_lens.decompose(model, task.sequences(keys), config, weights=select_weights(model, config.weights))
+    assert dec.sites == ["blocks.0.mlp.W_in", "blocks.0.mlp.W_out"]
+    facts = facts_with_own_subcomponent(dec, task)
+    assert len(facts.top) == task.n_facts and facts.n_own == sum(facts.own)
+    kl = stochastic_recon_kl(dec, model, task, n_samples=4)
+    with torch.no_grad():  # the same KL by an explicit loop over draws, facts and positions
+        x, ref = task.sequences(), model(task.sequences()).log_softmax(-1)
+        torch.manual_seed(5)
+        draws = [dec(x, "stochastic").log_softmax(-1) for _ in range(4)]
+    explicit = (
+        sum(
+            sum((ref[i, p].exp() * (ref[i, p] - d[i, p])).sum().item() for i in range(x.shape[0]) for p in range(2))
+            / (2 * x.shape[0])
+            for d in draws
+        )
+        / 4
+    )
+    torch.manual_seed(5)
+    assert stochastic_recon_kl(dec, model, task, n_samples=4) == pytest.approx(explicit, rel=1e-4)
+    assert kl > 0

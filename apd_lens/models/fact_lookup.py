@@ -18,6 +18,7 @@ from jaxtyping import Int
 from torch import Tensor
 
 from apd_lens.methods.apd.config import APDConfig
+from apd_lens.methods.spd.config import SPDConfig
 from apd_lens.models.target_training import train_target
 
 
@@ -198,6 +199,66 @@ def fact_lookup_apd_config(task: FactLookupTask, **changes) -> APDConfig:
     )
     base.update(changes)
     return APDConfig(**base)
+
+
+def fact_lookup_spd_config(task: FactLookupTask, **changes) -> SPDConfig:
+    """SPD settings for the fact-lookup model's MLP (``blocks.0.mlp.W_in`` and ``W_out``): KL output
+    distance, tokens as data points, C per matrix twice the number of facts plus 16."""
+    base = dict(
+        n_subcomponents=2 * task.n_facts + 16,
+        output_loss="kl",
+        importance_minimality_coeff=1e-3,
+        importance_p=1.0,
+        ci_fn="mlp",
+        ci_hidden=16,
+        lr=2e-3,
+        lr_schedule="cosine",
+        steps=6000,
+        batch_size=128,
+        weights=("blocks.0.mlp.W_in", "blocks.0.mlp.W_out"),
+        extra={"experiment": f"fact-lookup-{task.n_facts}"},
+    )
+    base.update(changes)
+    return SPDConfig(**base)
+
+
+@dataclass
+class FactsOwn:
+    """Which W_in subcomponent carries each fact (see :func:`facts_with_own_subcomponent`)."""
+
+    n_own: int
+    top: list[int]
+    """Per fact, the W_in subcomponent with the largest causal importance at its SEP position."""
+    own: list[bool]
+
+
+@torch.no_grad()
+def facts_with_own_subcomponent(
+    decomposition, task: FactLookupTask, weight: str = "blocks.0.mlp.W_in", on: float = 0.5, off: float = 0.1
+) -> FactsOwn:
+    """How many facts have a subcomponent of their own in an SPD decomposition: the ``weight``
+    subcomponent with the largest causal importance at the fact's SEP position has CI >= ``on``
+    there and < ``off`` at every other fact's SEP position."""
+    ci = decomposition.causal_importances(task.sequences())[weight][:, -1]  # [n_facts, C]
+    top = ci.argmax(-1)
+    on_own = ci.gather(1, top[:, None]).squeeze(1) >= on
+    at_top = ci[:, top]  # [fact j, fact i]: CI at fact j's SEP of fact i's top subcomponent
+    others = ~torch.eye(task.n_facts, dtype=torch.bool)
+    off_elsewhere = (at_top.masked_fill(~others, 0.0) < off).all(0)
+    own = on_own & off_elsewhere
+    return FactsOwn(int(own.sum()), top.tolist(), own.tolist())
+
+
+@torch.no_grad()
+def stochastic_recon_kl(decomposition, target, task: FactLookupTask, n_samples: int = 16) -> float:
+    """KL(target || stochastic-masked decomposition) over every fact and position, averaged over
+    ``n_samples`` draws of the masks."""
+    from apd_lens.engine.losses import output_loss
+
+    x = task.sequences()
+    reference = target(x)
+    kls = [output_loss(decomposition(x, "stochastic"), reference, "kl").item() for _ in range(n_samples)]
+    return sum(kls) / n_samples
 
 
 @dataclass
