@@ -203,7 +203,8 @@ def fact_lookup_apd_config(task: FactLookupTask, **changes) -> APDConfig:
 
 def fact_lookup_spd_config(task: FactLookupTask, **changes) -> SPDConfig:
     """SPD settings for the fact-lookup model's MLP (``blocks.0.mlp.W_in`` and ``W_out``): KL output
-    distance, tokens as data points, C per matrix twice the number of facts plus 16."""
+    distance, tokens as data points, C per matrix twice the number of facts plus 16, importance 1e-3 with
+    p 1, 20k steps (6k steps left 2-7 of 24 facts with their own subcomponent, 20k 11; docs/results.md)."""
     base = dict(
         n_subcomponents=2 * task.n_facts + 16,
         output_loss="kl",
@@ -213,7 +214,7 @@ def fact_lookup_spd_config(task: FactLookupTask, **changes) -> SPDConfig:
         ci_hidden=16,
         lr=2e-3,
         lr_schedule="cosine",
-        steps=6000,
+        steps=20_000,
         batch_size=128,
         weights=("blocks.0.mlp.W_in", "blocks.0.mlp.W_out"),
         extra={"experiment": f"fact-lookup-{task.n_facts}"},
