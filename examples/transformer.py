@@ -16,6 +16,7 @@ Prints wall time and peak memory, and as its LAST line
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import resource
 import time
 
@@ -63,6 +64,17 @@ def main(argv: list[str] | None = None) -> tuple[int, int, float]:
         args.act_l1 = args.ablated = args.overlap = 0.0
     start = time.perf_counter()
     task = FactLookupTask(args.facts, seed=args.seed)
+    # the config first, so that a bad --config fails before the target is trained
+    make_config = fact_lookup_apd_config if args.method == "apd" else fact_lookup_spd_config
+    config = make_config(task, seed=args.seed, progress=not args.no_progress)
+    if args.steps is not None:
+        config = config.replace(steps=args.steps)
+    if args.changes:
+        changes = {k: _parse(v) for k, v in (kv.split("=", 1) for kv in args.changes.split(","))}
+        unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(config)})
+        if unknown:
+            parser.error(f"--config: {type(config).__name__} has no field(s) {unknown}")
+        config = config.replace(**changes)
     target = make_fact_lookup_model(task, d_model=args.d_model, d_mlp=args.d_mlp, seed=args.seed)
     train_fact_lookup(
         target,
@@ -79,12 +91,6 @@ def main(argv: list[str] | None = None) -> tuple[int, int, float]:
     dependence = mlp_dependence(target, task)
     print(f"target: {task.n_facts} facts, accuracy {accuracy:.3f}, wrong without the MLP {dependence:.3f}")
 
-    make_config = fact_lookup_apd_config if args.method == "apd" else fact_lookup_spd_config
-    config = make_config(task, seed=args.seed, progress=not args.no_progress)
-    if args.steps is not None:
-        config = config.replace(steps=args.steps)
-    if args.changes:
-        config = config.replace(**{k: _parse(v) for k, v in (kv.split("=", 1) for kv in args.changes.split(","))})
     keys = task.sample_keys(8192, torch.Generator().manual_seed(args.seed + 1000))
     specs = select_weights(target, list(config.weights))
     decomposition = apd_lens.decompose(target, task.sequences(keys), config, weights=specs)
@@ -94,17 +100,23 @@ def main(argv: list[str] | None = None) -> tuple[int, int, float]:
     final = decomposition.loss_history[-1]
     print(f"steps={config.steps} wall_time={elapsed:.1f}s peak_rss={peak_mib:.0f}MiB threads={torch.get_num_threads()}")
     print("final losses: " + " ".join(f"{k}={v:.3g}" for k, v in final.items() if k not in ("step", "lr")))
-    x = task.sequences()
-    if args.method == "spd":
-        facts = facts_with_own_subcomponent(decomposition, task)
-        recon_kl = stochastic_recon_kl(decomposition, target, task)
-        print(f"top W_in subcomponent per fact: {facts.top}")
-        print(f"FACTS_OWN={facts.n_own}/{task.n_facts} RECON_KL={recon_kl:.4g}")
-        return facts.n_own, task.n_facts, recon_kl
+    report = _report_spd if args.method == "spd" else _report_apd
+    return report(decomposition, target, task)
+
+
+def _report_spd(decomposition, target, task: FactLookupTask) -> tuple[int, int, float]:
+    facts = facts_with_own_subcomponent(decomposition, task)
+    recon_kl = stochastic_recon_kl(decomposition, target, task)
+    print(f"top W_in subcomponent per fact: {facts.top}")
+    print(f"FACTS_OWN={facts.n_own}/{task.n_facts} RECON_KL={recon_kl:.4g}")
+    return facts.n_own, task.n_facts, recon_kl
+
+
+def _report_apd(decomposition, target, task: FactLookupTask) -> tuple[int, int, float]:
     assignment = dedicated_facts(decomposition, task)
+    x = task.sequences()
     with torch.no_grad():
-        mask = decomposition.topk_mask(x)
-        recon_kl = output_loss(decomposition(x, mask), target(x), "kl").item()
+        recon_kl = output_loss(decomposition(x, decomposition.topk_mask(x)), target(x), "kl").item()
     print(f"shared components at SEP: {assignment.shared}; own component per fact: {assignment.own}")
     print(f"FACTS_DEDICATED={assignment.n_dedicated}/{task.n_facts} RECON_KL={recon_kl:.4g}")
     return assignment.n_dedicated, task.n_facts, recon_kl

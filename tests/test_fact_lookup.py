@@ -146,7 +146,6 @@ def test_short_spd_decomposition_of_the_mlp(trained):
     assert dec.sites == ["blocks.0.mlp.W_in", "blocks.0.mlp.W_out"]
     facts = facts_with_own_subcomponent(dec, task)
     assert len(facts.top) == task.n_facts and facts.n_own == sum(facts.own)
-    kl = stochastic_recon_kl(dec, model, task, n_samples=4)
     with torch.no_grad():  # the same KL by an explicit loop over draws, facts and positions
         x, ref = task.sequences(), model(task.sequences()).log_softmax(-1)
         torch.manual_seed(5)
@@ -160,5 +159,8 @@ def test_short_spd_decomposition_of_the_mlp(trained):
         / 4
     )
     torch.manual_seed(5)
-    assert stochastic_recon_kl(dec, model, task, n_samples=4) == pytest.approx(explicit, rel=1e-4)
+    kl = stochastic_recon_kl(dec, model, task, n_samples=4)
+    assert kl == pytest.approx(explicit, rel=1e-4)
     assert kl > 0
+    with pytest.raises(ValueError, match="not decomposed"):
+        facts_with_own_subcomponent(dec, task, weight="blocks.0.attn.W_Q")

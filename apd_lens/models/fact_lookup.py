@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from jaxtyping import Int
 from torch import Tensor
 
+from apd_lens.engine.losses import output_loss
 from apd_lens.methods.apd.config import APDConfig
 from apd_lens.methods.spd.config import SPDConfig
 from apd_lens.models.target_training import train_target
@@ -179,7 +180,6 @@ def fact_lookup_apd_config(task: FactLookupTask, **changes) -> APDConfig:
         topk=0.75,
         attribution="gradient",
         attribution_source="components",
-        output_loss="kl",
         faithfulness_coeff=1000.0,
         minimality_coeff=100.0,
         simplicity_coeff=10.0,
@@ -189,38 +189,40 @@ def fact_lookup_apd_config(task: FactLookupTask, **changes) -> APDConfig:
         split_unused=0.25,  # with 0.01: 19/24 facts, two merged pairs never found a spare component that idle
         schatten_p=0.9,
         unit_norm_A=True,
-        lr=2e-3,
-        lr_schedule="cosine",
         lr_warmup_frac=0.01,
         steps=12000,
-        batch_size=128,
-        weights=("blocks.0.mlp.W_in", "blocks.0.mlp.W_out"),
-        extra={"experiment": f"fact-lookup-{task.n_facts}"},
     )
-    base.update(changes)
-    return APDConfig(**base)
+    return _fact_lookup_config(APDConfig, task, base, changes)
 
 
 def fact_lookup_spd_config(task: FactLookupTask, **changes) -> SPDConfig:
     """SPD settings for the fact-lookup model's MLP (``blocks.0.mlp.W_in`` and ``W_out``): KL output
     distance, tokens as data points, C per matrix twice the number of facts plus 16, importance 1e-3 with
-    p 1, 20k steps (6k steps left 2-7 of 24 facts with their own subcomponent, 20k 11; docs/results.md)."""
+    p 1, 20k steps (seed 0: 2 of 24 facts with their own subcomponent after 6k steps, 11 after 20k;
+    docs/results.md)."""
     base = dict(
         n_subcomponents=2 * task.n_facts + 16,
-        output_loss="kl",
         importance_minimality_coeff=1e-3,
         importance_p=1.0,
         ci_fn="mlp",
         ci_hidden=16,
+        steps=20_000,
+    )
+    return _fact_lookup_config(SPDConfig, task, base, changes)
+
+
+def _fact_lookup_config(config_class, task: FactLookupTask, settings: dict, changes: dict):
+    """The settings both methods share for the fact-lookup MLP (KL output distance, Adam 2e-3 cosine,
+    128 sequences per batch, W_in and W_out), then the method's own ``settings``, then ``changes``."""
+    shared = dict(
+        output_loss="kl",
         lr=2e-3,
         lr_schedule="cosine",
-        steps=20_000,
         batch_size=128,
         weights=("blocks.0.mlp.W_in", "blocks.0.mlp.W_out"),
         extra={"experiment": f"fact-lookup-{task.n_facts}"},
     )
-    base.update(changes)
-    return SPDConfig(**base)
+    return config_class(**{**shared, **settings, **changes})
 
 
 @dataclass
@@ -240,13 +242,17 @@ def facts_with_own_subcomponent(
     """How many facts have a subcomponent of their own in an SPD decomposition: the ``weight``
     subcomponent with the largest causal importance at the fact's SEP position has CI >= ``on``
     there and < ``off`` at every other fact's SEP position."""
-    ci = decomposition.causal_importances(task.sequences())[weight][:, -1]  # [n_facts, C]
+    if not hasattr(decomposition, "causal_importances"):
+        raise TypeError(f"FACTS_OWN needs an SPD decomposition, got {type(decomposition).__name__}")
+    ci = decomposition.causal_importances(task.sequences())
+    if weight not in ci:
+        raise ValueError(f"{weight!r} is not decomposed; the decomposition's sites are {sorted(ci)}")
+    ci = ci[weight][:, -1]  # [n_facts, C]
     top = ci.argmax(-1)
     on_own = ci.gather(1, top[:, None]).squeeze(1) >= on
     at_top = ci[:, top]  # [fact j, fact i]: CI at fact j's SEP of fact i's top subcomponent
-    others = ~torch.eye(task.n_facts, dtype=torch.bool)
-    off_elsewhere = (at_top.masked_fill(~others, 0.0) < off).all(0)
-    own = on_own & off_elsewhere
+    at_other_facts = at_top.masked_fill(torch.eye(task.n_facts, dtype=torch.bool), 0.0)
+    own = on_own & (at_other_facts < off).all(0)
     return FactsOwn(int(own.sum()), top.tolist(), own.tolist())
 
 
@@ -254,8 +260,6 @@ def facts_with_own_subcomponent(
 def stochastic_recon_kl(decomposition, target, task: FactLookupTask, n_samples: int = 16) -> float:
     """KL(target || stochastic-masked decomposition) over every fact and position, averaged over
     ``n_samples`` draws of the masks."""
-    from apd_lens.engine.losses import output_loss
-
     x = task.sequences()
     reference = target(x)
     kls = [output_loss(decomposition(x, "stochastic"), reference, "kl").item() for _ in range(n_samples)]
