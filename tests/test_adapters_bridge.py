@@ -17,7 +17,7 @@ from transformer_lens.model_bridge import TransformerBridge  # noqa: E402
 
 from apd_lens import APDConfig, SPDConfig, decompose  # noqa: E402
 from apd_lens.adapters import select_weights, specs_for_model, weight_catalog  # noqa: E402
-from tests.transformer_checks import check_exact_split, randomize_  # noqa: E402
+from tests.transformer_checks import _matrix_by_hand, check_exact_split, randomize_  # noqa: E402
 
 BASE = dict(
     n_layers=2, d_model=16, d_head=4, n_heads=4, d_mlp=24, d_vocab=19, n_ctx=8, act_fn="gelu", device="cpu", seed=0
@@ -103,19 +103,12 @@ def _bridge_and_hooked_transformer_with_the_same_weights():
     randomize_(ht, seed=3)
     bridge = build(**overrides)
     ht_specs, br_specs = weight_catalog(ht).specs, weight_catalog(bridge).specs
-    n_heads, d_head = BASE["n_heads"], BASE["d_head"]
     with torch.no_grad():
         for tl_name, br_spec in br_specs.items():
             w = get_parameter(ht, tl_name)
-            if tl_name.endswith(("W_Q", "W_K", "W_V")):  # [h, d_model, d_head] -> Linear [(h e), d_model]
-                new = w.permute(0, 2, 1).reshape(n_heads * d_head, -1)
-            elif tl_name.endswith("W_O"):  # [h, d_head, d_model] -> Linear [d_model, (h e)]
-                new = w.reshape(n_heads * d_head, -1).T
-            elif tl_name.endswith(("W_E", "W_pos")):  # embeddings: same layout
-                new = w
-            else:  # W_in, W_out, W_U [d_in, d_out] -> Linear [d_out, d_in]
-                new = w.T
-            get_parameter(bridge, br_spec.name).copy_(new)
+            # [d_in, d_out] by hand (heads as (h e)); embeddings (not in HT's catalog here) keep their layout
+            matrix = _matrix_by_hand(w, ht_specs[tl_name]) if tl_name in ht_specs else w
+            get_parameter(bridge, br_spec.name).copy_(matrix.T if br_spec.matrix_pattern == "o i -> i o" else matrix)
             ht_bias = ht_specs[tl_name].uses[0].bias if tl_name in ht_specs else None
             br_bias = br_spec.uses[0].bias
             assert (ht_bias is None) == (br_bias is None), tl_name
