@@ -67,7 +67,7 @@ def _resid_mlp(n_layers: int) -> TargetKind:
     except ImportError as err:  # pragma: no cover - depends on the installed version
         raise SystemExit(f"resid-mlp-{n_layers} needs apd_lens.models.resid_mlp: {err}") from err
     return TargetKind(
-        build=lambda seed: ResidualMLP(n_layers=n_layers, seed=seed),
+        build=lambda seed: ResidualMLP.paper(n_layers, seed=seed),
         train=train_resid_mlp,
         data=lambda model, batch_size, seed: ResidMLPData(model.n_features, batch_size, seed=seed),
         train_steps=10_000,
@@ -82,6 +82,7 @@ TARGETS: dict[str, Callable[[], TargetKind]] = {
     "tms-40-10-id": lambda: _tms(40, 10, 2000, 2048, identity=True),
     "resid-mlp-1": lambda: _resid_mlp(1),
     "resid-mlp-2": lambda: _resid_mlp(2),
+    "resid-mlp-3": lambda: _resid_mlp(3),
 }
 
 
@@ -126,7 +127,8 @@ def cmd_train_target(args: argparse.Namespace) -> int:
     return 0
 
 
-def _parse_set(items: list[str]) -> dict[str, Any]:
+def parse_set(items: list[str]) -> dict[str, Any]:
+    """``FIELD=VALUE`` strings (``--set``) as config changes; values are JSON where they parse as JSON."""
     changes = {}
     for item in items:
         key, sep, value = item.partition("=")
@@ -142,7 +144,7 @@ def _parse_set(items: list[str]) -> dict[str, Any]:
 def _build_config(model: nn.Module, args: argparse.Namespace) -> DecompositionConfig:
     from apd_lens.training.loop import default_config
 
-    changes = _parse_set(args.set)
+    changes = parse_set(args.set)
     for field in ("steps", "batch_size", "seed", "device"):
         if getattr(args, field) is not None:
             changes[field] = getattr(args, field)
@@ -205,6 +207,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     metrics = write_report(args.run_dir, model, data, out)
     summary = {k: v for k, v in metrics["eval"].items() if isinstance(v, float)}
     print(" ".join(f"{k}={v:.4g}" for k, v in summary.items()))
+    if "resid_mlp" in metrics:
+        print(metrics["resid_mlp"]["last_line"])
     print(f"report written to {out}")
     return 0
 

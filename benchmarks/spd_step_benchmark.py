@@ -3,15 +3,16 @@
     python benchmarks/spd_step_benchmark.py [--cases tms-5-2,tms-40-10-ref,...] [--repeats 5] [--threads N]
                                             [--json out.json]
 
-Cases: tms-5-2, tms-5-2-ref, tms-40-10, tms-40-10-ref, resid-mlp-1, transformer-2l (default: all).
+Cases: tms-5-2, tms-5-2-ref, tms-40-10, tms-40-10-ref, resid-mlp-1, resid-mlp-1-ref, resid-mlp-2,
+resid-mlp-2-ref, resid-mlp-3, resid-mlp-3-ref, transformer-2l (default: all).
 
 Per case (each in its own subprocess, so peak memories do not mix), on one untrained target and one
 batch: "apd" (the model's APD default, as in step_benchmark.py), "spd" (the model's SPD default:
 ``spd_default_config()``; a generic SPDConfig for the transformer) and "spd-plain-ci", the same SPD
 step with the per-subcomponent CI MLPs computed by their plain formula (one [n, C, hidden] tensor
 through autograd, as the reference code does) instead of apd_lens' fused, cache-sized slices.
-``tms-5-2-ref`` and ``tms-40-10-ref`` are at the reference code's own sizes (C 20 / 200 per matrix, batch
-4096), for comparison with its step times; the residual MLP's default is the reference's size (C 100, 2048).
+The ``-ref`` cases are at the reference code's own sizes (TMS: C 20 / 200 per matrix, batch 4096; residual
+MLPs: C 100 / 400 / 500, batch 2048), for comparison with its step times.
 Prints milliseconds per part, the full step, data points per step, ratios, peak resident memory, and
 the SPD step's matmul floor (its matmuls' FLOPs at this machine's large-matmul rate) and REPLAY (the
 same matmul calls each run alone).
@@ -42,8 +43,26 @@ from apd_lens.methods.spd.decomposition import SPDDecomposition
 from apd_lens.training.loop import resolve_specs
 from apd_lens.training.malloc_tuning import keep_freed_memory
 
-CASES = ("tms-5-2", "tms-5-2-ref", "tms-40-10", "tms-40-10-ref", "resid-mlp-1", "transformer-2l")
-REFERENCE_SIZES = {"tms-5-2-ref": (20, 4096), "tms-40-10-ref": (200, 4096)}
+CASES = (
+    "tms-5-2",
+    "tms-5-2-ref",
+    "tms-40-10",
+    "tms-40-10-ref",
+    "resid-mlp-1",
+    "resid-mlp-1-ref",
+    "resid-mlp-2",
+    "resid-mlp-2-ref",
+    "resid-mlp-3",
+    "resid-mlp-3-ref",
+    "transformer-2l",
+)
+REFERENCE_SIZES = {
+    "tms-5-2-ref": (20, 4096),
+    "tms-40-10-ref": (200, 4096),
+    "resid-mlp-1-ref": (100, 2048),
+    "resid-mlp-2-ref": (400, 2048),
+    "resid-mlp-3-ref": (500, 2048),
+}
 """(C per matrix, batch) of the reference code's own TMS configs."""
 
 

@@ -81,12 +81,12 @@ def build_case(name: str, n_components: int | None = None, probes: int | None = 
         if name == "tms-40-10":
             config = config.replace(n_components=40)  # the reference code's C, as in the timing
         x = TMSData(f, config.batch_size, seed=1).sample()
-    elif name in ("resid-mlp-1", "resid-mlp-2"):
+    elif name in ("resid-mlp-1", "resid-mlp-2", "resid-mlp-3"):
         from apd_lens.models.resid_mlp import ResidMLPData, ResidualMLP
 
-        model = ResidualMLP(n_layers=int(name[-1]))
+        model = ResidualMLP.paper(int(name[-1]))
         config = model.apd_default_config()
-        x = ResidMLPData(100, config.batch_size, seed=1).sample()
+        x = ResidMLPData(model.n_features, config.batch_size, seed=1).sample()
     elif name.startswith("transformer-2l"):
         from transformer_lens import HookedTransformer, HookedTransformerConfig
 

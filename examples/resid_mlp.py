@@ -1,11 +1,18 @@
-"""Decompose a residual MLP doing compressed computation (1 or 2 layers) with the paper's settings.
+"""Decompose a residual MLP doing compressed computation (1, 2 or 3 layers) with APD or SPD.
 
-    python examples/resid_mlp.py --layers 1 --seed 0 [--steps N] [--out runs/resid_mlp]
-    python examples/resid_mlp.py --layers 1 --seed 0 --load runs/resid_mlp/resid_mlp_1L_seed0.pt
+    python examples/resid_mlp.py [--method apd|spd] [--layers 1|2|3] [--seed S] [--steps N]
+                                 [--set FIELD=VALUE ...] [--out runs/resid_mlp] [--threads T]
 
-Trains the target (or loads it and the decomposition from a checkpoint), decomposes W_in and
-W_out of every layer, saves a checkpoint and figures, and prints as its LAST line
-``DEDICATED=<n>/100 TOPK_MSE=<x> SCRUBBED=<y> ANTISCRUBBED=<z> MONO=<w>``.
+Trains the target (the paper's sizes: 100 features and 50 neurons over 1 or 2 layers, 102 features
+and 3 x 17 neurons for 3), decomposes W_in and W_out of every layer with the method's defaults for
+the residual MLP, writes figures and a summary, and prints as its LAST line
+- APD: ``DEDICATED=<n>/100 TOPK_MSE=<x> SCRUBBED=<y> ANTISCRUBBED=<z> MONO=<w>``;
+- SPD: ``FEATURES_OWN=<n>/<n_features> WOUT_COACTIVE=<k> MASKED_MSE=<x> CONTRIB_SLOPE=<s>``.
+
+Everything goes to ``--out/<method>_<L>L_seed<S>/``: the target (``target/``), checkpoints every
+``--checkpoint-every`` steps, the saved decomposition and the report. Rerunning the same command
+continues an interrupted run from its newest checkpoint, or analyses the finished one again; that
+folder is also what ``apd-lens report`` reads.
 """
 
 from __future__ import annotations
@@ -18,103 +25,143 @@ from pathlib import Path
 import torch
 
 import apd_lens
-from apd_lens.methods.apd.config import APDConfig
-from apd_lens.methods.apd.decomposition import Decomposition
-from apd_lens.models.resid_mlp import ResidMLPData, ResidualMLP, train_resid_mlp
+from apd_lens.cli import load_target, parse_set, save_target
+from apd_lens.training.checkpoint import latest_checkpoint
 
 
-def build_parser() -> argparse.ArgumentParser:
+def parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--layers", type=int, choices=(1, 2), default=1)
+    parser.add_argument("--method", choices=("apd", "spd"), default="apd")
+    parser.add_argument("--layers", type=int, choices=(1, 2, 3), default=1)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--steps", type=int, default=None, help="APD steps (default: the paper's 10000)")
-    parser.add_argument("--target-steps", type=int, default=1000, help="target training steps (batch 2048)")
-    parser.add_argument("--rank", type=int, default=None, help="inner rank m (default: min(d_in, d_out))")
-    parser.add_argument("--lr", type=float, default=None, help="APD learning rate (default: the paper's 1e-3)")
-    parser.add_argument("--probes", type=int, default=None, help="random attribution probes (default: exact)")
+    parser.add_argument("--steps", type=int, default=None, help="decomposition steps (default: the config's)")
+    parser.add_argument("--target-steps", type=int, default=None, help="target steps (default 1000; 10000 for 3)")
     parser.add_argument(
-        "--split-every",
-        type=int,
-        default=None,
-        help="split over-used components every N steps (0: never; default: the config's)",
+        "--set", action="append", default=[], metavar="FIELD=VALUE", help="any field of the method's config (JSON)"
+    )
+    parser.add_argument(
+        "--split-every", type=int, default=None, help="APD: split over-used components every N steps (0: never)"
     )
     parser.add_argument("--n-eval", type=int, default=100, help="evaluation samples per feature")
+    parser.add_argument("--checkpoint-every", type=int, default=1000)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--out", type=Path, default=Path("runs/resid_mlp"))
-    parser.add_argument("--load", type=Path, default=None, help="checkpoint to analyse instead of training")
     parser.add_argument("--no-progress", action="store_true")
-    return parser
+    args = parser.parse_args(argv)
+    if args.split_every is not None and args.method != "apd":
+        parser.error("--split-every is an APD option")
+    return args
 
 
-def train(args) -> tuple[Decomposition, dict]:
-    """Target training and decomposition; returns the decomposition and timings."""
-    timings = {}
+def target(args: argparse.Namespace, folder: Path):
+    """The run's target: loaded from ``folder`` when an earlier run saved it there, else trained and saved."""
+    from apd_lens.models.resid_mlp import ResidualMLP, train_resid_mlp
+
+    if (folder / "target.json").is_file():
+        model, meta, _ = load_target(folder)
+        return model, meta.get("seconds", 0.0)
     start = time.perf_counter()
-    target = ResidualMLP(n_layers=args.layers, seed=args.seed)
-    train_resid_mlp(target, steps=args.target_steps, seed=args.seed, progress=not args.no_progress)
-    timings["target_s"] = time.perf_counter() - start
-    config = target.apd_default_config().replace(seed=args.seed, progress=not args.no_progress)
-    changes = {"steps": args.steps, "rank": args.rank, "attribution_probes": args.probes, "lr": args.lr}
-    config = config.replace(**{k: v for k, v in changes.items() if v is not None})
+    model = ResidualMLP.paper(args.layers, seed=args.seed)
+    steps = args.target_steps or (10_000 if args.layers == 3 else 1000)
+    losses = train_resid_mlp(model, steps=steps, seed=args.seed, progress=not args.no_progress)
+    seconds = time.perf_counter() - start
+    info = {"steps": steps, "final_loss": losses[-1], "seconds": seconds}
+    save_target(model, f"resid-mlp-{args.layers}", args.seed, folder, info)
+    model.requires_grad_(False)
+    return model, seconds
+
+
+def config_for(model, args: argparse.Namespace):
+    make = model.apd_default_config if args.method == "apd" else model.spd_default_config
+    changes = parse_set(args.set)
+    if args.steps is not None:
+        changes["steps"] = args.steps
     if args.split_every is not None:
-        config = config.replace(split_every=args.split_every or None)
-    data = ResidMLPData(target.n_features, config.batch_size, seed=args.seed + 1000)
+        changes["split_every"] = args.split_every or None
+    try:
+        return make().replace(seed=args.seed, progress=not args.no_progress, **changes)
+    except TypeError as err:
+        raise SystemExit(f"--set: unknown field in {sorted(changes)}: {err}") from None
+
+
+def decomposition_for(model, args: argparse.Namespace, run_dir: Path):
+    """Train (or continue, or load) the decomposition in ``run_dir``; returns it and its seconds of training."""
+    from apd_lens.analysis.report import read_metrics
+    from apd_lens.models.resid_mlp import ResidMLPData
+
+    timing_file = run_dir / "decomposition_seconds.json"
+    config = config_for(model, args)  # the same command continues the run; another config is refused
+    if (run_dir / "cfg.json").is_file():  # finished earlier: analyse it again
+        decomposition = apd_lens.load(run_dir, model)
+        differ = _differences(decomposition.config, config)
+        if differ:
+            raise SystemExit(f"{run_dir} holds a finished run with other settings ({differ}); use another --out")
+        decomposition.loss_history = read_metrics(run_dir)
+        return decomposition, json.loads(timing_file.read_text())["seconds"]
+    resume = latest_checkpoint(run_dir) if run_dir.is_dir() else None
+    earlier = json.loads(timing_file.read_text())["seconds"] if timing_file.is_file() else 0.0
+    data = ResidMLPData(model.n_features, config.batch_size, seed=args.seed + 1000)
+    if resume is not None:
+        print(f"continuing from {resume}")
     start = time.perf_counter()
-    decomposition = apd_lens.decompose(target, data, config)
-    timings["apd_s"] = time.perf_counter() - start
-    timings["apd_s_per_step"] = timings["apd_s"] / max(config.steps, 1)
-    return decomposition, timings
+    try:
+        decomposition = apd_lens.decompose(
+            model, data, config, run_dir=run_dir, checkpoint_every=args.checkpoint_every, resume=resume
+        )
+    finally:  # also on Ctrl-C, so that a continued run reports its whole time
+        seconds = earlier + time.perf_counter() - start
+        timing_file.write_text(json.dumps({"seconds": seconds}))
+    return decomposition, seconds
 
 
-def save(decomposition: Decomposition, timings: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    model = decomposition.model
-    torch.save(
-        {
-            "model_kwargs": {"n_layers": model.n_layers, "n_features": model.n_features, "d_resid": model.d_resid},
-            "model_state": model.state_dict(),
-            "config": decomposition.config.to_dict(),
-            "state": decomposition.state_dict(),
-            "loss_history": decomposition.loss_history,
-            "timings": timings,
-        },
-        path,
+def _differences(saved, wanted) -> str:
+    mine, theirs = wanted.to_dict(), saved.to_dict()
+    return ", ".join(
+        f"{k}: saved {theirs.get(k)!r}, asked {v!r}" for k, v in mine.items() if k != "progress" and theirs.get(k) != v
     )
 
 
-def load(path: Path) -> tuple[Decomposition, dict]:
-    ckpt = torch.load(path, weights_only=False)
-    model = ResidualMLP(**ckpt["model_kwargs"])
-    model.load_state_dict(ckpt["model_state"])
-    decomposition = Decomposition(model, model.apd_weight_specs(), APDConfig.from_dict(ckpt["config"]))
-    decomposition.load_state_dict(ckpt["state"])
-    decomposition.loss_history = ckpt["loss_history"]
-    return decomposition, ckpt["timings"]
+def analyse(decomposition, args: argparse.Namespace, out: Path, tag: str):
+    """The method's report, its figures and summary file; returns the report."""
+    if decomposition.method == "spd":
+        from apd_lens.analysis.resid_mlp_spd import analyse_spd_resid_mlp
+        from apd_lens.analysis.resid_mlp_spd_plots import plot_spd_resid_mlp_report
+
+        report = analyse_spd_resid_mlp(decomposition, n_per_feature=args.n_eval, seed=args.seed + 2000)
+        figures = plot_spd_resid_mlp_report(report, out, prefix=tag)
+    else:
+        from apd_lens.analysis.resid_mlp import analyse_resid_mlp
+        from apd_lens.analysis.resid_mlp_plots import plot_resid_mlp_report
+
+        report = analyse_resid_mlp(decomposition, n_per_feature=args.n_eval, seed=args.seed + 2000)
+        figures = plot_resid_mlp_report(decomposition, report, out, prefix=tag)
+    print("figures: " + " ".join(str(f) for f in figures))
+    return report
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = build_parser().parse_args(argv)
-    tag = f"resid_mlp_{args.layers}L_seed{args.seed}"
-    if args.load is not None:
-        decomposition, timings = load(args.load)
-    else:
-        decomposition, timings = train(args)
-        save(decomposition, timings, args.out / f"{tag}.pt")
-    from apd_lens.analysis.resid_mlp import analyse_resid_mlp
-    from apd_lens.analysis.resid_mlp_plots import plot_resid_mlp_report
-
+    args = parse(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    tag = f"{args.method}_{args.layers}L_seed{args.seed}"
+    run_dir = args.out / tag
+    model, target_seconds = target(args, run_dir / "target")
+    decomposition, seconds = decomposition_for(model, args, run_dir)
     start = time.perf_counter()
-    report = analyse_resid_mlp(decomposition, n_per_feature=args.n_eval, seed=args.seed + 2000)
-    timings["analysis_s"] = time.perf_counter() - start
-    figures = plot_resid_mlp_report(decomposition, report, args.out, prefix=tag)
+    report = analyse(decomposition, args, run_dir, tag)
     summary = report.summary()
-    summary["timings"] = timings
-    summary["config"] = decomposition.config.to_dict()
-    (args.out / f"{tag}.json").write_text(json.dumps(summary, indent=2, default=str))
+    summary.update(
+        {
+            "timings": {"target_s": target_seconds, "decomposition_s": seconds},
+            "analysis_s": time.perf_counter() - start,
+            "config": decomposition.config.to_dict(),
+        }
+    )
+    (run_dir / f"{tag}.json").write_text(json.dumps(summary, indent=2, default=str))
     final = decomposition.loss_history[-1] if decomposition.loss_history else {}
-    print("timings: " + " ".join(f"{k}={v:.1f}" for k, v in timings.items()))
+    print(f"timings: target {target_seconds:.1f}s, decomposition {seconds:.1f}s ({decomposition.config.steps} steps)")
     print("final losses: " + " ".join(f"{k}={v:.3g}" for k, v in final.items() if k not in ("step", "lr")))
     print(report.describe())
-    print("figures: " + " ".join(str(f) for f in figures))
     print(report.last_line())
     return summary
 

@@ -87,3 +87,13 @@ def test_exact_attributions_too_large_for_memory_say_what_to_set(monkeypatch):
     assert "attribution_probes=k" in message and "at most 2 per chunk" in message
     dec.config = dec.config.replace(attribution_chunk=2)
     torch.testing.assert_close(dec.attributions(x), want, rtol=1e-6, atol=1e-9)
+
+
+def test_zero_steps_warns_that_the_result_is_untrained():
+    from apd_lens.training.loop import UntrainedWarning
+
+    model = TMS(5, 2)
+    x = torch.rand(64, 5)
+    with pytest.warns(UntrainedWarning, match="untrained"):
+        dec = apd_lens.decompose(model, x, small(steps=0))
+    assert dec.loss_history == []

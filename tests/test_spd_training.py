@@ -10,6 +10,7 @@ import apd_lens
 from apd_lens import APDConfig, SPDConfig, SPDDecomposition
 from apd_lens.models.tms import TMS, TMSData
 from apd_lens.training.checkpoint import list_checkpoints
+from apd_lens.training.loop import UntrainedWarning
 
 
 def small_config(**kw) -> SPDConfig:
@@ -55,8 +56,10 @@ def test_method_keyword_uses_the_models_spd_defaults():
 def test_faithfulness_warmup_runs_before_training_only():
     model = TMS(5, 2)
     cfg = small_config(steps=0, faithfulness_warmup_steps=0)
-    cold = apd_lens.decompose(model, TMSData(5, 32), cfg)
-    warm = apd_lens.decompose(model, TMSData(5, 32), cfg.replace(faithfulness_warmup_steps=200))
+    with pytest.warns(UntrainedWarning, match="steps=0: no training step runs"):
+        cold = apd_lens.decompose(model, TMSData(5, 32), cfg)
+    with pytest.warns(UntrainedWarning):
+        warm = apd_lens.decompose(model, TMSData(5, 32), cfg.replace(faithfulness_warmup_steps=200))
 
     def faith(d):
         return sum((d.target_matrices()[n] - d.summed_matrices()[n]).square().sum() for n in d.target_matrices())

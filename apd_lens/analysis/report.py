@@ -18,6 +18,7 @@ from apd_lens.io import atomic_write_bytes
 from apd_lens.loading import load
 from apd_lens.methods.apd.decomposition import Decomposition
 from apd_lens.methods.spd.decomposition import CI_L0_THRESHOLD, SPDDecomposition
+from apd_lens.models.resid_mlp import ResidualMLP
 
 MAX_PANELS = 40
 
@@ -171,6 +172,14 @@ def write_report(run_dir: str | Path, model: nn.Module, data: Iterable, out: str
         mmcs, ml2r = mmcs_ml2r(weights["W"], targets["W"])
         metrics["eval"].update({"mmcs": mmcs, "ml2r": ml2r})
     figures = []
+    if spd and isinstance(model, ResidualMLP):  # the SPD paper's residual-MLP analysis and figures
+        from apd_lens.analysis.resid_mlp_spd import analyse_spd_resid_mlp
+        from apd_lens.analysis.resid_mlp_spd_plots import plot_spd_resid_mlp_report
+
+        resid = analyse_spd_resid_mlp(decomposition)
+        metrics["resid_mlp"] = resid.summary()
+        metrics["resid_mlp"]["last_line"] = resid.last_line()
+        figures += plot_spd_resid_mlp_report(resid, out, prefix="resid_mlp")
     if rows:
         figures.append(_plot_losses([{k: v for k, v in r.items() if "/" not in k} for r in rows], out / "losses.png"))
     if spd:

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from jaxtyping import Int
 from torch import Tensor
 
+from apd_lens.analysis.ownership import own_subcomponents
 from apd_lens.engine.losses import output_loss
 from apd_lens.methods.apd.config import APDConfig
 from apd_lens.methods.spd.config import SPDConfig
@@ -248,12 +249,9 @@ def facts_with_own_subcomponent(
     if weight not in ci:
         raise ValueError(f"{weight!r} is not decomposed; the decomposition's sites are {sorted(ci)}")
     ci = ci[weight][:, -1]  # [n_facts, C]
-    top = ci.argmax(-1)
-    on_own = ci.gather(1, top[:, None]).squeeze(1) >= on
-    at_top = ci[:, top]  # [fact j, fact i]: CI at fact j's SEP of fact i's top subcomponent
-    at_other_facts = at_top.masked_fill(torch.eye(task.n_facts, dtype=torch.bool), 0.0)
-    own = on_own & (at_other_facts < off).all(0)
-    return FactsOwn(int(own.sum()), top.tolist(), own.tolist())
+    facts = torch.arange(task.n_facts, device=ci.device)
+    ownership = own_subcomponents(ci, facts, facts, on, off)
+    return FactsOwn(ownership.n_own, ownership.top.tolist(), ownership.own.tolist())
 
 
 @torch.no_grad()

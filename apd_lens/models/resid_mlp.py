@@ -24,6 +24,8 @@ from apd_lens.methods.spd.config import SPDConfig
 from apd_lens.models.sparse_data import SparseFeatureData
 from apd_lens.models.target_training import train_target
 
+PAPER_SIZES = {1: (100, 50), 2: (100, 25), 3: (102, 17)}
+"""(features, neurons per layer) of the papers' residual MLPs per number of layers."""
 PAPER_N_COMPONENTS = {1: 130, 2: 200}
 """The paper's C per number of layers."""
 PAPER_COEFFS = {1: (1.0, 1.0, 10.0, 1.0), 2: (1.0, 2.0, 7.0, 1.0)}
@@ -98,6 +100,15 @@ class ResidualMLP(HookedRootModule):
         self.hook_embed = HookPoint()
         self.hook_out = HookPoint()
         self.setup()
+
+    @classmethod
+    def paper(cls, n_layers: int, seed: int = 0) -> ResidualMLP:
+        """The papers' model with ``n_layers`` layers: 100 features and 50 neurons in total for 1 or
+        2 layers, 102 features and 17 neurons per layer for 3 (SPD's); 1000-dim residual, no biases."""
+        if n_layers not in PAPER_SIZES:
+            raise ValueError(f"the papers' residual MLPs have 1, 2 or 3 layers, got {n_layers}")
+        n_features, d_mlp = PAPER_SIZES[n_layers]
+        return cls(n_features=n_features, d_mlp=d_mlp, n_layers=n_layers, seed=seed)
 
     @property
     def W_U(self) -> Float[Tensor, "d_resid n_features"]:
@@ -185,22 +196,29 @@ class ResidualMLP(HookedRootModule):
             extra={"experiment": f"resid-mlp-{self.n_layers}-layer"},
         )
 
-    def spd_default_config(self) -> SPDConfig:
-        """The SPD paper's settings per depth (C per matrix 100 / 400 / 500, importance coefficient
-        1e-5 / 1e-5 / 0.5e-5 with p 2, Adam 2e-3 for 1 layer and 1e-3 deeper, constant; CI MLPs with
-        16 hidden units, 128 for 3 layers), batch 2048. Steps: the reference code's 20k for 1 layer,
-        the paper's 50k for 2 and ~70k (where it converges) for 3."""
+    def spd_default_config(self, preset: str = "default") -> SPDConfig:
+        """SPD settings per depth (importance coefficient 1e-5 / 1e-5 / 0.5e-5 with p 2, Adam 2e-3 for 1 layer
+        and 1e-3 deeper, constant; CI MLPs with 16 hidden units, 128 for 3 layers).
+
+        ``preset="reference"``: the SPD paper's / reference code's C per matrix 100 / 400 / 500, batch 2048,
+        20k / 50k / 70k steps. ``"default"``: batch 256 and, for 2 layers, C 200 and 15k steps, chosen by
+        measurement on this CPU (docs/results.md): 1 layer (20k steps) 100/100 features with their own W_in
+        subcomponent on seeds 0 and 1 in ~17-20 min; 2 layers 100/100 (seed 0) and 98/100 (seed 1). 3 layers:
+        the reference's C and steps at batch 256, not yet run to the end here."""
+        if preset not in ("default", "reference"):
+            raise ValueError(f'preset must be "default" or "reference", got {preset!r}')
         n = min(self.n_layers, 3)
+        reference = preset == "reference"
         return SPDConfig(
-            n_subcomponents={1: 100, 2: 400, 3: 500}[n],
+            n_subcomponents={1: 100, 2: 400 if reference else 200, 3: 500}[n],
             importance_minimality_coeff=1e-5 if n < 3 else 0.5e-5,
             importance_p=2.0,
             ci_fn="mlp",
             ci_hidden=16 if n < 3 else 128,
             lr=2e-3 if n == 1 else 1e-3,
             lr_schedule="constant",
-            steps={1: 20_000, 2: 50_000, 3: 70_000}[n],
-            batch_size=2048,
+            steps={1: 20_000, 2: 50_000 if reference else 15_000, 3: 70_000}[n],
+            batch_size=2048 if reference else 256,
             extra={"experiment": f"resid-mlp-{self.n_layers}-layer"},
         )
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fnmatch
 import logging
+import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,11 @@ from apd_lens.training.recorder import METRICS_FILE, RunRecorder
 from apd_lens.training.schedule import lr_factor
 
 logger = logging.getLogger(__name__)
+
+
+class UntrainedWarning(UserWarning):
+    """``decompose`` was asked for 0 steps: what it returns has not been trained."""
+
 
 RESUME_MAY_CHANGE = frozenset({"progress", "device", "log_every"})
 """Config fields that may differ between a checkpoint and the run resuming it."""
@@ -120,6 +126,13 @@ def decompose(
             run_dir = ckpt_path.parent.parent
     config = _resolve_config(model, config, method, ckpt, ckpt_path)
     chosen = method_of_config(config)
+    if config.steps == 0 and ckpt is None:
+        warnings.warn(
+            "steps=0: no training step runs, so the returned decomposition is untrained (only the method's work "
+            "before training is done, e.g. SPD's faithfulness warm-up); pass steps >= 1 to decompose",
+            UntrainedWarning,
+            stacklevel=2,
+        )
     if checkpoint_every is not None and (not isinstance(checkpoint_every, int) or checkpoint_every < 1):
         raise ValueError(f"checkpoint_every must be an integer >= 1, got {checkpoint_every!r}")
     if checkpoint_every is not None and run_dir is None:
