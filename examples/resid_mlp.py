@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
+import sys
 import time
 from pathlib import Path
 
@@ -141,6 +143,8 @@ def analyse(decomposition, args: argparse.Namespace, out: Path, tag: str):
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse(argv)
+    # a `kill` (SIGTERM) unwinds like Ctrl-C, so that the time spent so far is recorded for the continued run
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     tag = f"{args.method}_{args.layers}L_seed{args.seed}"
