@@ -169,3 +169,16 @@ def test_spd_train_decompose_resume_report(tmp_path, capsys):
     assert set(report["eval"]["ci_l0"]) == {"W", "W:use1", "I"}
     names = {Path(f).name for f in report["figures"]}
     assert {"losses.png", "subcomponents_W.png", "subcomponents_I.png", "subcomponent_frequency_W_use1.png"} <= names
+
+
+def test_report_of_an_spd_residual_mlp_run_has_its_analysis(tmp_path, capsys):
+    target, run = tmp_path / "target", tmp_path / "spd"
+    main(["train-target", "resid-mlp-3", "--out", str(target), "--steps", "3", "--no-progress"])
+    argv = ["decompose", str(target), "--out", str(run), "--method", "spd", "--steps", "3", "--batch-size", "32"]
+    assert main([*argv, "--set", "n_subcomponents=20", "--set", "ci_hidden=4", "--no-progress"]) == 0
+    assert main(["report", str(run), "--eval-batch", "64"]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-2].startswith("FEATURES_OWN=")
+    metrics = json.loads((run / "report" / "metrics.json").read_text())
+    assert metrics["resid_mlp"]["n_features"] == 102 and len(metrics["resid_mlp"]["features_per_layer"]) == 3
+    for name in ("resid_mlp_ci_one_hot.png", "resid_mlp_neuron_contributions.png"):
+        assert (run / "report" / name).stat().st_size > 0

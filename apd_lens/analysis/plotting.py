@@ -49,7 +49,7 @@ def plot_tms_components(
         if target.shape[1] == 2:
             _draw_vectors(ax, mat, name, 1.1 * vmax)
         else:
-            ax.imshow(mat.T, cmap="RdBu", vmin=-vmax, vmax=vmax)
+            ax.imshow(mat.T.numpy(), cmap="RdBu", vmin=-vmax, vmax=vmax)
             ax.set_title(name, fontsize=9)
             ax.set_xticks([])
             ax.set_yticks([])
