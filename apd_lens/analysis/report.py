@@ -75,7 +75,9 @@ def evaluate_spd(decomposition: SPDDecomposition, x: Tensor) -> dict[str, Any]:
     target_out = decomposition.model(x).detach()
     with torch.no_grad():
         ci = decomposition.causal_importances(x)
-        stochastic = [_mse(decomposition(x, "stochastic"), target_out) for _ in range(STOCHASTIC_SAMPLES)]
+        stochastic = [
+            _mse(decomposition(x, decomposition.sample_masks(ci)), target_out) for _ in range(STOCHASTIC_SAMPLES)
+        ]
         result: dict[str, Any] = {
             "mse_all_subcomponents": _mse(decomposition(x), target_out),
             "mse_ci_masked": _mse(decomposition(x, ci), target_out),

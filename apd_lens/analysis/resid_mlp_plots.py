@@ -18,7 +18,8 @@ from apd_lens.methods.apd.decomposition import Decomposition  # noqa: E402
 def _save(fig, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
+    if not fig.get_constrained_layout():  # a constrained layout places its own colorbars and titles
+        fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path

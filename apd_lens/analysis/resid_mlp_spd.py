@@ -209,10 +209,9 @@ def _one_feature_mses(
     def mse(out: Tensor) -> float:
         return float(per_feature_mse(out, target, feature, F).mean())
 
-    with torch.random.fork_rng():  # the masks' draws, without touching the caller's random state
-        torch.manual_seed(generator.initial_seed())
-        stochastic = sum(mse(decomposition(x, "stochastic")) for _ in range(n_mask_samples)) / n_mask_samples
-    return stochastic, mse(decomposition(x, "ci")), mse(decomposition(x))
+    ci = decomposition.causal_importances(x)  # once, for the CI masks and every stochastic draw
+    draws = [mse(decomposition(x, decomposition.sample_masks(ci, generator))) for _ in range(n_mask_samples)]
+    return sum(draws) / n_mask_samples, mse(decomposition(x, ci)), mse(decomposition(x))
 
 
 @torch.no_grad()

@@ -48,11 +48,7 @@ def plot_probe_ci(report: SPDResidMLPReport, path: str | Path, title: str = "") 
     fig.colorbar(image, ax=axes, shrink=0.6, label="causal importance")
     default = f"SPD causal importances on one-hot inputs\n{report.n_own}/{F} features own a W_in subcomponent"
     fig.suptitle(title or default, fontsize=10)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_contribution_scatter(report: SPDResidMLPReport, path: str | Path, title: str = "") -> Path:

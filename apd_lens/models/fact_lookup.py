@@ -260,7 +260,10 @@ def stochastic_recon_kl(decomposition, target, task: FactLookupTask, n_samples: 
     ``n_samples`` draws of the masks."""
     x = task.sequences()
     reference = target(x)
-    kls = [output_loss(decomposition(x, "stochastic"), reference, "kl").item() for _ in range(n_samples)]
+    ci = decomposition.causal_importances(x)
+    kls = [
+        output_loss(decomposition(x, decomposition.sample_masks(ci)), reference, "kl").item() for _ in range(n_samples)
+    ]
     return sum(kls) / n_samples
 
 

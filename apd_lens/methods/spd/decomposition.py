@@ -230,12 +230,15 @@ class SPDDecomposition(DecompositionBase):
             if masks not in ("ci", "stochastic"):
                 raise ValueError(f'masks must be a dict, None, "ci" or "stochastic", got {masks!r}')
             ci = self.causal_importances(x)
-            if masks == "stochastic":
-                flat = stochastic_masks({k: v.reshape(-1, v.shape[-1]) for k, v in ci.items()}, self.config.sampling)
-                masks = {k: flat[k].reshape(ci[k].shape) for k in ci}
-            else:
-                masks = ci
+            masks = self.sample_masks(ci) if masks == "stochastic" else ci
         return self.forward_with_masks(x, masks).output
+
+    def sample_masks(
+        self, ci: Mapping[str, Tensor], generator: torch.Generator | None = None
+    ) -> dict[str, Float[Tensor, "*batch C"]]:
+        """One draw of the stochastic masks ``g + (1 - g) r`` from causal importances (site -> [*batch, C]),
+        with the config's sampling; reuse one ``causal_importances(x)`` for many draws."""
+        return stochastic_masks(dict(ci), self.config.sampling, generator)
 
     # ------------------------------------------------------------------ training
     def before_training(self) -> None:
