@@ -149,7 +149,7 @@ def _build_config(model: nn.Module, args: argparse.Namespace) -> DecompositionCo
         if getattr(args, field) is not None:
             changes[field] = getattr(args, field)
     changes["progress"] = not args.no_progress
-    config = default_config(model, args.method)
+    config = default_config(model, args.method, args.preset)
     try:
         return config.replace(**changes)
     except TypeError as err:
@@ -241,8 +241,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--method", choices=sorted(METHODS), help="decomposition method (default apd; with --resume: the run's)"
     )
+    p.add_argument(
+        "--preset",
+        choices=("default", "paper"),
+        default="default",
+        help="the model's settings: this library's best recipe (default) or the paper's exact ones",
+    )
     p.add_argument("--steps", type=int, help="decomposition steps (default: the model's settings for the method)")
-    p.add_argument("--batch-size", type=int, help="batch size (default: the paper's)")
+    p.add_argument("--batch-size", type=int, help="batch size (default: the preset's)")
     p.add_argument("--seed", type=int, help="seed of the decomposition (default: the config's)")
     p.add_argument("--data-seed", type=int, help="seed of the data (default: seed + 1000)")
     p.add_argument("--device", help="e.g. cpu, cuda (default: the config's)")

@@ -1,15 +1,15 @@
 """Decompose a residual MLP doing compressed computation (1, 2 or 3 layers) with APD or SPD.
 
-    python examples/resid_mlp.py [--method apd|spd] [--layers 1|2|3] [--seed S] [--steps N]
+    python examples/resid_mlp.py [--method apd|spd] [--layers 1|2|3] [--seed S] [--steps N] [--preset default|paper]
                                  [--set FIELD=VALUE ...] [--out runs/resid_mlp] [--threads T]
 
 Trains the target (the paper's sizes: 100 features and 50 neurons over 1 or 2 layers, 102 features
 and 3 x 17 neurons for 3), decomposes W_in and W_out of every layer with the method's defaults for
-the residual MLP, writes figures and a summary, and prints as its LAST line
+the residual MLP (``--preset paper``: the paper's settings), writes figures and a summary, and prints as its LAST line
 - APD: ``DEDICATED=<n>/100 TOPK_MSE=<x> SCRUBBED=<y> ANTISCRUBBED=<z> MONO=<w>``;
 - SPD: ``FEATURES_OWN=<n>/<n_features> WOUT_COACTIVE=<k> MASKED_MSE=<x> CONTRIB_SLOPE=<s>``.
 
-Everything goes to ``--out/<method>_<L>L_seed<S>/``: the target (``target/``), checkpoints every
+Everything goes to ``--out/<method>_<L>L_seed<S>[_paper]/``: the target (``target/``), checkpoints every
 ``--checkpoint-every`` steps, the saved decomposition and the report. Rerunning the same command
 continues an interrupted run from its newest checkpoint, or analyses the finished one again; that
 folder is also what ``apd-lens report`` reads.
@@ -35,6 +35,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--method", choices=("apd", "spd"), default="apd")
     parser.add_argument("--layers", type=int, choices=(1, 2, 3), default=1)
+    parser.add_argument(
+        "--preset", choices=("default", "paper"), default="default", help="the method's best recipe or the paper's"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, default=None, help="decomposition steps (default: the config's)")
     parser.add_argument("--target-steps", type=int, default=None, help="target steps (default 1000; 10000 for 3)")
@@ -81,7 +84,7 @@ def config_for(model, args: argparse.Namespace):
     if args.split_every is not None:
         changes["split_every"] = args.split_every or None
     try:
-        return make().replace(seed=args.seed, progress=not args.no_progress, **changes)
+        return make(preset=args.preset).replace(seed=args.seed, progress=not args.no_progress, **changes)
     except TypeError as err:
         raise SystemExit(f"--set: unknown field in {sorted(changes)}: {err}") from None
 
@@ -147,7 +150,7 @@ def main(argv: list[str] | None = None) -> dict:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    tag = f"{args.method}_{args.layers}L_seed{args.seed}"
+    tag = f"{args.method}_{args.layers}L_seed{args.seed}" + ("_paper" if args.preset == "paper" else "")
     run_dir = args.out / tag
     model, target_seconds = target(args, run_dir / "target")
     decomposition, seconds = decomposition_for(model, args, run_dir)

@@ -1,9 +1,11 @@
 """Decompose the toy model of superposition with APD or SPD.
 
-    python examples/tms.py [--method apd|spd] [--setting 5-2|40-10] [--identity] [--seed S] [--steps N] [--out runs/tms]
+    python examples/tms.py [--method apd|spd] [--setting 5-2|40-10] [--identity] [--seed S] [--steps N]
+                           [--preset default|paper] [--out runs/tms]
 
 Trains the target (with ``--identity``: ReLU(Wᵀ I W x + b) with I a frozen identity), decomposes it
-with the method's defaults for TMS (``TMS.apd_default_config()`` / ``TMS.spd_default_config()``), saves
+with the method's defaults for TMS (``TMS.apd_default_config()`` / ``TMS.spd_default_config()``; with
+``--preset paper`` the paper's settings), saves
 a figure of the target's feature vectors next to the largest components / subcomponents (and of I's),
 and prints ``MMCS=<x> ML2R=<y>`` as its last line, with ``--identity`` followed by
 `` ID_SUBCOMPONENTS=<n>/<m1>`` (parts of I with a norm above 1% of the largest, out of I's rank).
@@ -32,6 +34,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--method", choices=["apd", "spd"], default="apd")
     parser.add_argument("--setting", choices=sorted(SETTINGS), default="5-2")
+    parser.add_argument(
+        "--preset", choices=("default", "paper"), default="default", help="the method's best recipe or the paper's"
+    )
     parser.add_argument("--identity", action="store_true", help="insert a frozen identity I between W and Wᵀ")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, default=None, help="decomposition steps (default: the method's)")
@@ -63,7 +68,7 @@ def main(argv: list[str] | None = None) -> tuple[float, float]:
     train_tms(target, steps=target_steps, batch_size=target_batch, seed=args.seed, progress=not args.no_progress)
 
     make_config = target.apd_default_config if args.method == "apd" else target.spd_default_config
-    config = make_config().replace(seed=args.seed, progress=not args.no_progress)
+    config = make_config(preset=args.preset).replace(seed=args.seed, progress=not args.no_progress)
     if args.steps is not None:
         config = config.replace(steps=args.steps)
     if args.split_every is not None:

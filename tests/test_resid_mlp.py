@@ -101,7 +101,9 @@ def test_paper_config():
     # lr: the paper's 1e-3 for 1 layer; 5e-4 for 2 (1e-3 diverged there, see apd_default_config)
     for n_layers, C, coeffs, lr in ((1, 130, (1, 1, 10, 1), 1e-3), (2, 200, (1, 2, 7, 1), 5e-4)):
         model = ResidualMLP(n_layers=n_layers)
-        cfg = model.apd_default_config()
+        cfg = model.apd_default_config(preset="paper")
+        assert cfg.split_every is None  # the paper does not split; the default preset does:
+        assert cfg.replace(split_every=500) == model.apd_default_config()
         assert model.d_mlp * n_layers == 50
         assert cfg.n_components == C and cfg.topk == 1.28 and cfg.schatten_p == 0.9 and cfg.unit_norm_A
         got = (cfg.faithfulness_coeff, cfg.minimality_coeff, cfg.simplicity_coeff, cfg.act_recon_coeff)
@@ -114,7 +116,7 @@ def test_paper_config():
             10_000,
             256,
         )
-        # splitting options (splitting itself is off unless split_every is given): see apd_default_config
+        # splitting options (used by the default preset): see apd_default_config
         want_split = ("live", "active", "all") if n_layers == 1 else ("carrying", "top", "first")
         assert (cfg.split_reference, cfg.split_points, cfg.split_group_by) == want_split
 

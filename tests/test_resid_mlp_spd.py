@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -194,6 +196,10 @@ def test_example_reruns_continue_from_the_newest_checkpoint(tmp_path, capsys):
     _run_example([*common, "6", "--out", str(tmp_path / "whole")])
     with pytest.raises(SystemExit, match="finished run with other settings"):
         _run_example([*common, "7", "--out", str(tmp_path / "whole")])
+    # the paper's preset is a run of its own, next to it
+    _run_example([*common, "2", "--preset", "paper", "--out", str(tmp_path / "whole")])
+    paper = tmp_path / "whole" / "spd_1L_seed0_paper" / "spd_1L_seed0_paper.json"
+    assert json.loads(paper.read_text())["config"]["batch_size"] == 2048
 
 
 def test_shortened_spd_recovery_one_layer():
@@ -222,7 +228,7 @@ def test_shortened_spd_recovery_one_layer():
 
 
 def test_spd_presets_per_depth():
-    ref = {L: ResidualMLP.paper(L).spd_default_config(preset="reference") for L in (1, 2, 3)}
+    ref = {L: ResidualMLP.paper(L).spd_default_config(preset="paper") for L in (1, 2, 3)}
     assert [ref[L].n_subcomponents for L in (1, 2, 3)] == [100, 400, 500]  # the spec's table
     assert [ref[L].importance_minimality_coeff for L in (1, 2, 3)] == [1e-5, 1e-5, 0.5e-5]
     assert [ref[L].lr for L in (1, 2, 3)] == [2e-3, 1e-3, 1e-3]
@@ -232,6 +238,6 @@ def test_spd_presets_per_depth():
     assert (default.n_subcomponents, default.batch_size, default.steps) == (200, 256, 15_000)
     assert ResidualMLP.paper(3).n_features == 102 and ResidualMLP.paper(3).d_mlp == 17
     with pytest.raises(ValueError, match="preset"):
-        ResidualMLP.paper(1).spd_default_config(preset="paper")
+        ResidualMLP.paper(1).spd_default_config(preset="reference")
     with pytest.raises(ValueError, match="1, 2 or 3 layers"):
         ResidualMLP.paper(4)

@@ -21,6 +21,7 @@ from apd_lens._compat import HookedRootModule, HookPoint
 from apd_lens.engine.spec import WeightSpec, WeightUse
 from apd_lens.methods.apd.config import APDConfig
 from apd_lens.methods.spd.config import SPDConfig
+from apd_lens.models.presets import is_paper
 from apd_lens.models.sparse_data import SparseFeatureData
 from apd_lens.models.target_training import train_target
 
@@ -158,10 +159,15 @@ class ResidualMLP(HookedRootModule):
     def post_relu_hooks(self) -> tuple[str, ...]:
         return tuple(f"blocks.{L}.mlp.hook_post" for L in range(self.n_layers))
 
-    def apd_default_config(self) -> APDConfig:
-        """The paper's settings (C 130 for 1 layer, 200 for 2; other depths get the 2-layer recipe),
-        except lr 5e-4 for 2 layers: with the paper's 1e-3 the 2-layer decomposition diverged right after
-        warm-up (faithfulness 0.0065 -> 0.05-0.5, twice, seed 0); 5e-4 was stable over 1000 steps."""
+    def apd_default_config(self, preset: str = "default") -> APDConfig:
+        """APD settings (C 130 for 1 layer, 200 for 2; other depths get the 2-layer recipe).
+
+        ``preset="paper"``: the paper's, except lr 5e-4 for 2 layers: with the paper's 1e-3 the 2-layer
+        decomposition diverged right after warm-up (faithfulness 0.0065 -> 0.05-0.5, twice, seed 0); 5e-4
+        was stable over 1000 steps. ``"default"``: the same plus component splitting every 500 steps
+        during the first half (not in the paper; 96/100 features with their own component on 1 layer
+        instead of 64/100, see docs/results.md)."""
+        paper = is_paper(preset)
         n = min(self.n_layers, 2)
         faith, minimality, simp, act = PAPER_COEFFS[n]
         return APDConfig(
@@ -182,8 +188,8 @@ class ResidualMLP(HookedRootModule):
             lr_warmup_frac=0.01,
             steps=10_000,
             batch_size=256,
-            # with split_every=500 (--split-every 500 in examples/resid_mlp.py; not in the paper): 96/100
-            # dedicated features vs 64/100 without; resid components are rarely fully unused
+            split_every=None if paper else 500,
+            # resid components are rarely fully unused
             split_unused=0.25,
             # 2 layers: C 200 for 100 features leaves ~100 rarely-picked fillers, so the live median
             # says little about one feature's rate (lr 5e-4 run: no component was idle enough to be a
@@ -200,25 +206,23 @@ class ResidualMLP(HookedRootModule):
         """SPD settings per depth (importance coefficient 1e-5 / 1e-5 / 0.5e-5 with p 2, Adam 2e-3 for 1 layer
         and 1e-3 deeper, constant; CI MLPs with 16 hidden units, 128 for 3 layers).
 
-        ``preset="reference"``: the SPD paper's / reference code's C per matrix 100 / 400 / 500, batch 2048,
+        ``preset="paper"``: the SPD paper's / reference code's C per matrix 100 / 400 / 500, batch 2048,
         20k / 50k / 70k steps. ``"default"``: batch 256 and, for 2 layers, C 200 and 15k steps, chosen by
         measurement on this CPU (docs/results.md): 1 layer (20k steps) 100/100 features with their own W_in
-        subcomponent on seeds 0 and 1 in ~17-20 min; 2 layers 100/100 (seed 0) and 98/100 (seed 1). 3 layers:
+        subcomponent on seeds 0 and 1 in ~17-20 min; 2 layers 100/100 on seeds 0 and 1. 3 layers:
         the reference's C and steps at batch 256, not yet run to the end here."""
-        if preset not in ("default", "reference"):
-            raise ValueError(f'preset must be "default" or "reference", got {preset!r}')
+        paper = is_paper(preset)
         n = min(self.n_layers, 3)
-        reference = preset == "reference"
         return SPDConfig(
-            n_subcomponents={1: 100, 2: 400 if reference else 200, 3: 500}[n],
+            n_subcomponents={1: 100, 2: 400 if paper else 200, 3: 500}[n],
             importance_minimality_coeff=1e-5 if n < 3 else 0.5e-5,
             importance_p=2.0,
             ci_fn="mlp",
             ci_hidden=16 if n < 3 else 128,
             lr=2e-3 if n == 1 else 1e-3,
             lr_schedule="constant",
-            steps={1: 20_000, 2: 50_000 if reference else 15_000, 3: 70_000}[n],
-            batch_size=2048 if reference else 256,
+            steps={1: 20_000, 2: 50_000 if paper else 15_000, 3: 70_000}[n],
+            batch_size=2048 if paper else 256,
             extra={"experiment": f"resid-mlp-{self.n_layers}-layer"},
         )
 

@@ -48,12 +48,17 @@ RESUME_MAY_CHANGE = frozenset({"progress", "device", "log_every"})
 """Config fields that may differ between a checkpoint and the run resuming it."""
 
 
-def default_config(model: nn.Module, method: str = "apd") -> DecompositionConfig:
+def default_config(model: nn.Module, method: str = "apd", preset: str | None = None) -> DecompositionConfig:
     """The model's own settings for ``method`` (``model.apd_default_config()``,
-    ``model.spd_default_config()``) or the method's generic defaults."""
+    ``model.spd_default_config()``) or the method's generic defaults. ``preset`` (e.g. ``"paper"``) is
+    passed on to the model's function; a model without one refuses it."""
     spec = get_method(method)
     make = getattr(model, f"{spec.name}_default_config", None)
-    return make() if callable(make) else spec.config_class()
+    if preset is None:
+        return make() if callable(make) else spec.config_class()
+    if not callable(make):
+        raise ValueError(f"{type(model).__name__} has no {spec.name}_default_config(), so no preset {preset!r}")
+    return make(preset=preset)
 
 
 def resolve_specs(
