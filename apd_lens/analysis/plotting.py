@@ -57,9 +57,15 @@ def plot_tms_components(
         ax.axis("off")
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def save_figure(fig, path: str | Path) -> Path:
+    """Lay out (unless the figure uses a constrained layout), write ``path`` (folders made), close."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    if not fig.get_constrained_layout():  # a constrained layout places its own colorbars and titles
+        fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from apd_lens.analysis.metrics import mmcs_ml2r
-from apd_lens.analysis.plotting import plot_tms_components, plt
+from apd_lens.analysis.plotting import plot_tms_components, plt, save_figure
 from apd_lens.engine.base import DecompositionBase
 from apd_lens.engine.spec import get_parameter
 from apd_lens.io import atomic_write_bytes
@@ -131,10 +131,7 @@ def _plot_losses(rows: list[dict[str, float]], path: Path) -> Path:
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def _plot_frequency(freq: list[float], path: Path, what: str = "component") -> Path:
@@ -142,10 +139,7 @@ def _plot_frequency(freq: list[float], path: Path, what: str = "component") -> P
     ax.bar(range(len(freq)), freq)
     ax.set_xlabel(what)
     ax.set_ylabel("fraction of data points active")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def write_report(run_dir: str | Path, model: nn.Module, data: Iterable, out: str | Path) -> dict[str, Any]:

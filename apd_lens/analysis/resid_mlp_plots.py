@@ -11,18 +11,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from torch import Tensor  # noqa: E402
 
+from apd_lens.analysis.plotting import save_figure  # noqa: E402
 from apd_lens.analysis.resid_mlp import ResidMLPReport  # noqa: E402
 from apd_lens.methods.apd.decomposition import Decomposition  # noqa: E402
-
-
-def _save(fig, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if not fig.get_constrained_layout():  # a constrained layout places its own colorbars and titles
-        fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
 
 
 def plot_scrub_histogram(scrubbed: Tensor, antiscrubbed: Tensor, path: str | Path, title: str = "") -> Path:
@@ -44,7 +35,7 @@ def plot_scrub_histogram(scrubbed: Tensor, antiscrubbed: Tensor, path: str | Pat
     ax.set_ylabel("features")
     ax.legend(fontsize=8)
     ax.set_title(title or "half of the components ablated", fontsize=10)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_neuron_contributions(target: Tensor, component: Tensor, path: str | Path, title: str = "") -> Path:
@@ -65,7 +56,7 @@ def plot_neuron_contributions(target: Tensor, component: Tensor, path: str | Pat
             ax.set_ylabel("neuron contribution")
     if title:
         fig.suptitle(title)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_per_feature_mse(report: ResidMLPReport, path: str | Path, title: str = "") -> Path:
@@ -86,7 +77,7 @@ def plot_per_feature_mse(report: ResidMLPReport, path: str | Path, title: str = 
     ax.set_ylabel("MSE")
     ax.legend(fontsize=8)
     ax.set_title(title or "per-feature MSE", fontsize=10)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_resid_mlp_report(

@@ -8,8 +8,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from apd_lens.analysis.plotting import plt
-from apd_lens.analysis.resid_mlp_plots import _save
+from apd_lens.analysis.plotting import plt, save_figure
 from apd_lens.analysis.resid_mlp_spd import SPDResidMLPReport
 
 
@@ -48,7 +47,7 @@ def plot_probe_ci(report: SPDResidMLPReport, path: str | Path, title: str = "") 
     fig.colorbar(image, ax=axes, shrink=0.6, label="causal importance")
     default = f"SPD causal importances on one-hot inputs\n{report.n_own}/{F} features own a W_in subcomponent"
     fig.suptitle(title or default, fontsize=10)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_contribution_scatter(report: SPDResidMLPReport, path: str | Path, title: str = "") -> Path:
@@ -71,7 +70,7 @@ def plot_contribution_scatter(report: SPDResidMLPReport, path: str | Path, title
         ax.set_ylabel("subcomponent neuron contribution")
     if title:
         fig.suptitle(title)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_spd_resid_mlp_report(report: SPDResidMLPReport, out: str | Path, prefix: str = "spd") -> list[Path]:

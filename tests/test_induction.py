@@ -1,0 +1,165 @@
+"""The induction task and its analysis against explicit loops and torch.func.functional_call."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.func import functional_call
+
+pytest.importorskip("transformer_lens.HookedTransformer")
+
+import apd_lens  # noqa: E402
+from apd_lens.adapters import select_weights  # noqa: E402
+from apd_lens.analysis.induction import analyse_induction, head_roles, head_shares  # noqa: E402
+from apd_lens.models.induction import (  # noqa: E402
+    InductionTask,
+    half_losses,
+    induction_apd_config,
+    induction_spd_config,
+    make_induction_model,
+    next_token_losses,
+    train_induction,
+)
+
+
+def test_sequences_repeat_their_first_copy_and_masks_mark_the_copies():
+    task = InductionTask(d_vocab=20, max_len=5)
+    tokens, copies = task.sequences(64, torch.Generator().manual_seed(0))
+    assert tokens.shape == (64, task.n_ctx) and task.n_ctx == 16
+    first, repeat = task.first_half_mask(copies), task.repeat_mask(copies)
+    for i in range(64):
+        start, n = copies[i].tolist()
+        assert tokens[i, 0] == 0 and (tokens[i, 1:] > 0).all()
+        assert 1 <= start <= 1 + 5 and 2 <= n <= 5
+        for j in range(n):
+            assert tokens[i, start + n + j] == tokens[i, start + j]
+        for p in range(task.n_ctx - 1):
+            assert first[i, p] == (start <= p + 1 < start + n)  # the next token is in the first copy
+            assert repeat[i, p] == (start + n <= p and p + 1 < start + 2 * n)  # both in the second copy
+    assert len({tuple(c) for c in copies.tolist()}) > 10  # where and how long vary
+    with pytest.raises(ValueError, match="min_len"):
+        InductionTask(max_len=4, min_len=5)
+
+
+def test_half_losses_match_loops():
+    task = InductionTask(d_vocab=7, max_len=3)
+    gen = torch.Generator().manual_seed(1)
+    tokens, copies = task.sequences(5, gen)
+    logits = torch.randn(5, task.n_ctx, 7, generator=gen)
+    first, repeat = [], []
+    for i in range(5):
+        for p in range(task.n_ctx - 1):
+            loss = -torch.log_softmax(logits[i, p], -1)[tokens[i, p + 1]].item()
+            if task.first_half_mask(copies)[i, p]:
+                first.append(loss)
+            if task.repeat_mask(copies)[i, p]:
+                repeat.append(loss)
+    got = half_losses(logits, tokens, copies, task)
+    assert got == pytest.approx((sum(first) / len(first), sum(repeat) / len(repeat)), rel=1e-5)
+    assert next_token_losses(logits, tokens).shape == (5, task.n_ctx - 1)
+
+
+def test_head_roles_match_loops():
+    task = InductionTask(d_vocab=9, max_len=4)
+    gen = torch.Generator().manual_seed(2)
+    tokens, copies = task.sequences(6, gen)
+    patterns = {L: torch.rand(6, 2, task.n_ctx, task.n_ctx, generator=gen) for L in range(2)}
+    roles = head_roles(patterns, copies, task)
+    for L in range(2):
+        for h in range(2):
+            prev, ind = [], []
+            for i in range(6):
+                start, n = copies[i].tolist()
+                for q in range(task.n_ctx - 1):
+                    if start + n <= q < start + 2 * n - 1:
+                        prev.append(patterns[L][i, h, q, q - 1].item())
+                        ind.append(patterns[L][i, h, q, q - n + 1].item())
+            assert roles[f"L{L}H{h}"]["prev_token"] == pytest.approx(sum(prev) / len(prev), rel=1e-5)
+            assert roles[f"L{L}H{h}"]["induction"] == pytest.approx(sum(ind) / len(ind), rel=1e-5)
+
+
+@pytest.fixture(scope="module")
+def small_target():
+    task = InductionTask(d_vocab=16, max_len=4)
+    model = make_induction_model(task, d_model=8, n_heads=2, seed=0)
+    train_induction(model, task, steps=100, batch_size=32, progress=False)
+    return task, model
+
+
+def native(name: str, matrix: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """A [d_in, d_out] matrix of an attention weight in TransformerLens's per-head layout."""
+    if name.endswith("W_O"):  # [(h e), d] -> [h, e, d]
+        return matrix.reshape(n_heads, -1, matrix.shape[-1])
+    return matrix.reshape(matrix.shape[0], n_heads, -1).permute(1, 0, 2)  # [d, (h e)] -> [h, d, e]
+
+
+def test_spd_analysis_matches_loops_and_functional_call(small_target):
+    task, model = small_target
+    config = induction_spd_config(n_subcomponents=4, steps=20, batch_size=8, progress=False)
+    data, _ = task.sequences(64, torch.Generator().manual_seed(3))
+    dec = apd_lens.decompose(model, data, config, weights=select_weights(model, list(config.weights)))
+    base = analyse_induction(dec, task, n_sequences=32, seed=4)
+    ordered = sorted(base.activity_first.values())  # a threshold halfway between two units' activities
+    low = (ordered[len(ordered) // 2 - 1] + ordered[len(ordered) // 2]) / 2
+    report = analyse_induction(dec, task, n_sequences=32, high=0.0, low=low, seed=4)
+    assert report.total == 8 * 4
+
+    tokens, copies = task.sequences(32, torch.Generator().manual_seed(4))
+    ci = dec.causal_importances(tokens)
+    first, repeat = task.first_half_mask(copies), task.repeat_mask(copies)
+    found = []
+    for site in dec.sites:
+        for c in range(4):
+            on_first = [ci[site][i, p, c].item() for i in range(32) for p in range(task.n_ctx - 1) if first[i, p]]
+            on_repeat = [ci[site][i, p, c].item() for i in range(32) for p in range(task.n_ctx - 1) if repeat[i, p]]
+            assert report.activity_first[(site, c)] == pytest.approx(sum(on_first) / len(on_first), abs=1e-5)
+            assert report.activity_repeat[(site, c)] == pytest.approx(sum(on_repeat) / len(on_repeat), abs=1e-5)
+            if sum(on_first) / len(on_first) < low:
+                found.append((site, c))
+    assert report.found == found and 0 < len(found) < 32
+
+    def weights_with(units: set, keep_only: bool) -> dict[str, torch.Tensor]:
+        weights = {}
+        for site, sub in dec.subcomponents.items():
+            V, U = sub.V.detach(), sub.U.detach()
+            W = native(site, V @ U, 2)
+            delta = model.get_parameter(site).detach() - W
+            on = [c for c in range(4) if ((site, c) in units) == keep_only]
+            weights[site] = delta + native(site, sum((torch.outer(V[:, c], U[c]) for c in on), torch.zeros(8, 8)), 2)
+        return weights
+
+    ablated = functional_call(model, weights_with(set(found), keep_only=False), (tokens,))
+    assert report.losses["ablated"] == pytest.approx(half_losses(ablated, tokens, copies, task), rel=1e-4)
+    kept = functional_call(model, weights_with(set(report.kept), keep_only=True), (tokens,))
+    assert report.losses["kept only"] == pytest.approx(half_losses(kept, tokens, copies, task), rel=1e-4)
+    no_attention = {
+        f"blocks.{L}.attn.{p}": torch.zeros_like(model.get_parameter(f"blocks.{L}.attn.{p}"))
+        for L in (0, 1)
+        for p in ("W_O", "b_O")
+    }
+    removed = functional_call(model, no_attention, (tokens,))
+    assert report.losses["attention removed"] == pytest.approx(half_losses(removed, tokens, copies, task), rel=1e-5)
+    assert report.losses["decomposition"] == pytest.approx(report.losses["target"], abs=1e-3)
+
+    # where a subcomponent's weight sits, head by head
+    site, c = found[0]
+    sub = dec.subcomponents[site]
+    per_head = native(site, torch.outer(sub.V[:, c], sub.U[c]).detach(), 2).pow(2).sum(dim=(1, 2))
+    shares = head_shares(dec, (site, c), 2)
+    short = site.replace("attn.", "")
+    assert [shares[f"{short} H{h}"] for h in (0, 1)] == pytest.approx((per_head / per_head.sum()).tolist(), rel=1e-5)
+    line = report.last_line()
+    assert line.startswith(f"IH_SUBCOMPONENTS={len(found)}/32 REPEAT_LOSS_ABLATED=")
+
+
+def test_apd_analysis_ablates_global_components(small_target):
+    task, model = small_target
+    config = induction_apd_config(n_components=5, rank=2, attribution_probes=4, steps=5, batch_size=8, progress=False)
+    data, _ = task.sequences(64, torch.Generator().manual_seed(3))
+    dec = apd_lens.decompose(model, data, config, weights=select_weights(model, list(config.weights)))
+    report = analyse_induction(dec, task, n_sequences=16, high=0.0, low=2.0, seed=4)
+    assert report.total == 5 and [u for u in report.found] == [("", c) for c in range(5)]  # every component
+    tokens, copies = task.sequences(16, torch.Generator().manual_seed(4))
+    off = {name: torch.zeros_like(model.get_parameter(name)) for name in dec.component_weights()}
+    logits = functional_call(model, off, (tokens,))  # every component ablated: the weights are zero
+    assert report.losses["ablated"] == pytest.approx(half_losses(logits, tokens, copies, task), rel=1e-4)
