@@ -76,8 +76,10 @@ def main(argv: list[str] | None = None):
     with torch.no_grad():
         logits, cache = target.run_with_cache(probe)
     first, repeat = half_losses(logits, probe, copies, task)
-    print(f"target ({target_seconds:.0f}s): loss first copy {first:.4f} (chance {task.chance_loss():.4f}), "
-          f"second copy {repeat:.4f}")
+    print(
+        f"target ({target_seconds:.0f}s): loss first copy {first:.4f} (chance {task.chance_loss():.4f}), "
+        f"second copy {repeat:.4f}"
+    )
     patterns = {L: cache[f"blocks.{L}.attn.hook_pattern"] for L in range(target.cfg.n_layers)}
     for head, role in head_roles(patterns, copies, task).items():
         print(f"  {head}: previous-token {role['prev_token']:.2f}, induction {role['induction']:.2f}")
