@@ -8,8 +8,9 @@ Prints the target's losses on the first and second copy, each head's previous-to
 which parts copy (where their weight sits, head by head), the losses with them ablated, kept alone (with
 what the first copy uses) and with both layers' attention removed, and as its LAST line
 ``IH_SUBCOMPONENTS=<n>/<total> REPEAT_LOSS_ABLATED=<x> FIRST_HALF_LOSS_ABLATED=<y> REPEAT_LOSS=<z>``.
-Figure: ``--out/induction_<method>_seed<S>.png``, the target's attention patterns on one sequence above
-those of the decomposition with only the kept parts on.
+Everything goes to ``--out/induction_<method>_seed<S>/`` (the target's weights, the decomposition, the figure:
+the target's attention patterns on one sequence above those of the decomposition with only the kept parts
+on); rerunning the same command analyses the saved run again.
 """
 
 from __future__ import annotations
@@ -66,10 +67,18 @@ def main(argv: list[str] | None = None):
         config = make_config(seed=args.seed, progress=not args.no_progress, **changes)
     except TypeError as err:
         raise SystemExit(f"--set: unknown field in {sorted(changes)}: {err}") from None
+    run_dir = args.out / f"induction_{args.method}_seed{args.seed}"
     start = time.perf_counter()
     task = InductionTask(d_vocab=args.vocab, max_len=args.max_len)
     target = make_induction_model(task, d_model=args.d_model, seed=args.seed)
-    train_induction(target, task, steps=args.target_steps, seed=args.seed, progress=not args.no_progress)
+    saved_target = run_dir / "target.pt"
+    if saved_target.is_file():  # a rerun analyses the saved run again
+        target.load_state_dict(torch.load(saved_target))
+        target.requires_grad_(False)
+    else:
+        train_induction(target, task, steps=args.target_steps, seed=args.seed, progress=not args.no_progress)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        torch.save(target.state_dict(), saved_target)
     target_seconds = time.perf_counter() - start
 
     probe, copies = task.sequences(args.n_eval, torch.Generator().manual_seed(args.seed + 2000))
@@ -84,10 +93,15 @@ def main(argv: list[str] | None = None):
     for head, role in head_roles(patterns, copies, task).items():
         print(f"  {head}: previous-token {role['prev_token']:.2f}, induction {role['induction']:.2f}")
 
-    data, _ = task.sequences(8192, torch.Generator().manual_seed(args.seed + 1000))
-    start = time.perf_counter()
-    decomposition = apd_lens.decompose(target, data, config, weights=select_weights(target, list(config.weights)))
-    print(f"{args.method.upper()}: {config.steps} steps in {time.perf_counter() - start:.0f}s")
+    if (run_dir / "cfg.json").is_file():
+        decomposition = apd_lens.load(run_dir, target)
+        print(f"loaded the decomposition saved in {run_dir}")
+    else:
+        data, _ = task.sequences(8192, torch.Generator().manual_seed(args.seed + 1000))
+        start = time.perf_counter()
+        weights = select_weights(target, list(config.weights))
+        decomposition = apd_lens.decompose(target, data, config, weights=weights, run_dir=run_dir, overwrite=True)
+        print(f"{args.method.upper()}: {config.steps} steps in {time.perf_counter() - start:.0f}s")
 
     report = analyse_induction(decomposition, task, n_sequences=args.n_eval, seed=args.seed + 2000)
     one = probe[:1]
@@ -97,9 +111,7 @@ def main(argv: list[str] | None = None):
         "target": {L: patterns[L][0] for L in patterns},
         "kept only": {L: kept_cache[f"blocks.{L}.attn.hook_pattern"][0] for L in patterns},
     }
-    figure = plot_attention_patterns(
-        rows, args.out / f"induction_{args.method}_seed{args.seed}.png", f"copies at {copies[0].tolist()}"
-    )
+    figure = plot_attention_patterns(rows, run_dir / "attention_patterns.png", f"copies at {copies[0].tolist()}")
     print(f"figure: {figure}")
     print(report.describe())
     print(report.last_line())
