@@ -9,7 +9,6 @@ Built from a config (no downloads) as a TransformerLens HookedTransformer (TL 3.
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +20,7 @@ from apd_lens.analysis.ownership import own_subcomponents
 from apd_lens.engine.losses import output_loss
 from apd_lens.methods.apd.config import APDConfig
 from apd_lens.methods.spd.config import SPDConfig
+from apd_lens.models.hooked_transformer_target import build_hooked_transformer
 from apd_lens.models.target_training import train_target
 
 
@@ -68,26 +68,17 @@ def make_fact_lookup_model(task: FactLookupTask, d_model: int = 8, d_mlp: int = 
     ``d_model`` is kept well below ``n_facts`` so that no linear path (embed -> attention OV ->
     unembed) can map every key to its value: the lookup has to happen in the MLP.
     """
-    try:
-        from transformer_lens import HookedTransformer, HookedTransformerConfig
-    except ImportError as err:  # TL 4.x
-        raise ImportError("the fact-lookup model is a HookedTransformer: it needs transformer-lens 3.x") from err
-    cfg = HookedTransformerConfig(
+    return build_hooked_transformer(
+        "fact-lookup",
         n_layers=1,
         d_model=d_model,
-        d_head=d_model // n_heads,
         n_heads=n_heads,
         d_mlp=d_mlp,
         d_vocab=task.d_vocab,
         n_ctx=2,
         act_fn="relu",
-        normalization_type="LNPre",
-        device="cpu",
         seed=seed,
     )
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return HookedTransformer(cfg)
 
 
 def train_fact_lookup(

@@ -12,7 +12,6 @@ HookedTransformer (TL 3.x).
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +21,7 @@ from torch import Tensor
 
 from apd_lens.methods.apd.config import APDConfig
 from apd_lens.methods.spd.config import SPDConfig
+from apd_lens.models.hooked_transformer_target import build_hooked_transformer
 from apd_lens.models.target_training import train_target
 
 
@@ -94,27 +94,18 @@ def make_induction_model(
     """A 2-layer attention-only HookedTransformer (LNPre) for ``task``, with rotary positions by default:
     with learned absolute positions (``positional="standard"``) the model settles, within 6000 steps, for
     heads that look back a fixed number of positions (second-copy loss 0.48 instead of ~0)."""
-    try:
-        from transformer_lens import HookedTransformer, HookedTransformerConfig
-    except ImportError as err:  # TL 4.x
-        raise ImportError("the induction model is a HookedTransformer: it needs transformer-lens 3.x") from err
-    cfg = HookedTransformerConfig(
+    return build_hooked_transformer(
+        "induction",
         n_layers=2,
         d_model=d_model,
-        d_head=d_model // n_heads,
         n_heads=n_heads,
         d_vocab=task.d_vocab,
         n_ctx=task.n_ctx,
         attn_only=True,
-        normalization_type="LNPre",
         positional_embedding_type=positional,
         rotary_dim=d_model // n_heads if positional == "rotary" else None,
-        device="cpu",
         seed=seed,
     )
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return HookedTransformer(cfg)
 
 
 def next_token_losses(
@@ -138,7 +129,7 @@ def half_losses(
 def train_induction(
     model,
     task: InductionTask,
-    steps: int = 3000,
+    steps: int = 6000,
     batch_size: int = 128,
     lr: float = 3e-3,
     seed: int = 0,
