@@ -48,6 +48,8 @@ def test_default_config_passes_the_preset_on(method):
 def test_a_model_without_its_own_settings_refuses_a_preset():
     with pytest.raises(ValueError, match="no apd_default_config"):
         default_config(torch.nn.Linear(2, 2), "apd", "paper")
+    # "default" (the CLI's default) means the method's own defaults there
+    assert default_config(torch.nn.Linear(2, 2), "spd", "default") == default_config(torch.nn.Linear(2, 2), "spd")
 
 
 def test_cli_preset(tmp_path):

@@ -82,15 +82,16 @@ def unit_activity(decomposition, tokens: Int[Tensor, "n pos"]) -> dict[str, Floa
 
 
 def masks_keeping(decomposition, tokens: Int[Tensor, "n pos"], on: set[Unit], default: float):
-    """Masks with every unit at ``default`` except those in ``on`` at ``1 - default``."""
-    activity = unit_activity(decomposition, tokens)
-    masks = {}
-    for site, act in activity.items():
-        m = torch.full_like(act, default)
-        for s, c in on:
-            if s == site:
-                m[..., c] = 1.0 - default
-        masks[site] = m
+    """Masks for ``tokens`` with every unit at ``default`` except those in ``on`` at ``1 - default``: a dict
+    site -> [n, pos, C] (SPD) or one [n, pos, C] tensor (APD)."""
+    batch = tuple(tokens.shape)
+    if decomposition.method == "spd":
+        sizes = {site: decomposition.n_subcomponents(site) for site in decomposition.sites}
+    else:
+        sizes = {"": decomposition.n_components}
+    masks = {site: torch.full((*batch, c), default) for site, c in sizes.items()}
+    for site, c in on:
+        masks[site][..., c] = 1.0 - default
     return masks[""] if decomposition.method == "apd" else masks
 
 
@@ -137,9 +138,9 @@ def analyse_induction(
     act_repeat, act_first = {}, {}
     for site, act in activity.items():
         act = act[:, :-1]  # the last position predicts nothing
+        on_repeat, on_first = act[repeat_mask].mean(0).tolist(), act[first_mask].mean(0).tolist()
         for c in range(act.shape[-1]):
-            act_repeat[(site, c)] = float(act[..., c][repeat_mask].mean())
-            act_first[(site, c)] = float(act[..., c][first_mask].mean())
+            act_repeat[(site, c)], act_first[(site, c)] = on_repeat[c], on_first[c]
     found = [u for u in act_repeat if act_repeat[u] >= high and act_first[u] < low]
     kept = sorted(set(found) | {u for u in act_first if act_first[u] >= low})
     n_heads = target.cfg.n_heads

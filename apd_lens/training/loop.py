@@ -50,11 +50,11 @@ RESUME_MAY_CHANGE = frozenset({"progress", "device", "log_every"})
 
 def default_config(model: nn.Module, method: str = "apd", preset: str | None = None) -> DecompositionConfig:
     """The model's own settings for ``method`` (``model.apd_default_config()``,
-    ``model.spd_default_config()``) or the method's generic defaults. ``preset`` (e.g. ``"paper"``) is
-    passed on to the model's function; a model without one refuses it."""
+    ``model.spd_default_config()``) or the method's generic defaults. Another ``preset`` than ``"default"``
+    (e.g. ``"paper"``) is passed on to the model's function; a model without one refuses it."""
     spec = get_method(method)
     make = getattr(model, f"{spec.name}_default_config", None)
-    if preset is None:
+    if preset is None or preset == "default":  # every model has a default: its own, or the method's
         return make() if callable(make) else spec.config_class()
     if not callable(make):
         raise ValueError(f"{type(model).__name__} has no {spec.name}_default_config(), so no preset {preset!r}")
