@@ -16,6 +16,7 @@ on); rerunning the same command analyses the saved run again.
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from pathlib import Path
 
@@ -68,6 +69,7 @@ def main(argv: list[str] | None = None):
     except TypeError as err:
         raise SystemExit(f"--set: unknown field in {sorted(changes)}: {err}") from None
     run_dir = args.out / f"induction_{args.method}_seed{args.seed}"
+    _check_settings(run_dir, args, config)
     start = time.perf_counter()
     task = InductionTask(d_vocab=args.vocab, max_len=args.max_len)
     target = make_induction_model(task, d_model=args.d_model, seed=args.seed)
@@ -116,6 +118,25 @@ def main(argv: list[str] | None = None):
     print(report.describe())
     print(report.last_line())
     return report
+
+
+def _check_settings(run_dir: Path, args: argparse.Namespace, config) -> None:
+    """Record the run's settings in ``run_dir/run.json``; refuse a rerun that asks for other ones (it would
+    re-analyse the saved target and decomposition under the wrong settings)."""
+    wanted = {
+        "target": {k: getattr(args, k) for k in ("vocab", "max_len", "d_model", "target_steps")},
+        "config": {k: v for k, v in config.to_dict().items() if k != "progress"},
+    }
+    wanted = json.loads(json.dumps(wanted))  # tuples as lists, as read back
+    record = run_dir / "run.json"
+    if record.is_file():
+        saved = json.loads(record.read_text())
+        differ = [f"{part}.{k}" for part in wanted for k in wanted[part] if saved[part].get(k) != wanted[part][k]]
+        if differ:
+            raise SystemExit(f"{run_dir} holds a run with other settings ({', '.join(differ)}); use another --out")
+    else:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        record.write_text(json.dumps(wanted, indent=2))
 
 
 if __name__ == "__main__":

@@ -163,3 +163,19 @@ def test_apd_analysis_ablates_global_components(small_target):
     off = {name: torch.zeros_like(model.get_parameter(name)) for name in dec.component_weights()}
     logits = functional_call(model, off, (tokens,))  # every component ablated: the weights are zero
     assert report.losses["ablated"] == pytest.approx(half_losses(logits, tokens, copies, task), rel=1e-4)
+
+
+def test_example_reanalyses_a_saved_run_and_refuses_other_settings(tmp_path, capsys):
+    from examples_runner import run_example
+
+    argv = ["--method", "spd", "--target-steps", "20", "--steps", "3", "--vocab", "16", "--max-len", "4"]
+    argv += ["--d-model", "8", "--n-eval", "16", "--no-progress", "--threads", "1", "--out", str(tmp_path)]
+    first = run_example("induction.py", argv)
+    assert capsys.readouterr().out.strip().splitlines()[-1] == first.last_line()
+    again = run_example("induction.py", argv)
+    assert "loaded the decomposition saved" in capsys.readouterr().out
+    assert again.last_line() == first.last_line()
+    with pytest.raises(SystemExit, match="other settings.*config.n_subcomponents"):
+        run_example("induction.py", [*argv, "--set", "n_subcomponents=5"])
+    with pytest.raises(SystemExit, match="target.target_steps"):
+        run_example("induction.py", [*argv, "--target-steps", "21"])

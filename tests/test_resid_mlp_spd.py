@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from examples_runner import run_example
 from torch.func import functional_call
 
 import apd_lens
@@ -161,14 +162,7 @@ def test_analysis_refuses_other_decompositions(small_decomposition):
 
 
 def _run_example(argv: list[str]) -> dict:
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "examples" / "resid_mlp.py"
-    spec = importlib.util.spec_from_file_location("resid_mlp_example", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main(argv)
+    return run_example("resid_mlp.py", argv)
 
 
 def test_example_reruns_continue_from_the_newest_checkpoint(tmp_path, capsys):
