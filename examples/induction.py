@@ -6,7 +6,7 @@ and W_O of both layers with APD or SPD, find the parts that do the copying and a
 
 Prints the target's losses on the first and second copy, each head's previous-token and induction scores,
 which parts copy (where their weight sits, head by head), the losses with them ablated, kept alone (with
-what the first copy uses) and with both layers' attention removed, and as its LAST line
+what the first copy uses) and with both layers' attention zeroed or mean-ablated, and as its LAST line
 ``IH_SUBCOMPONENTS=<n>/<total> REPEAT_LOSS_ABLATED=<x> FIRST_HALF_LOSS_ABLATED=<y> REPEAT_LOSS=<z>``.
 Everything goes to ``--out/induction_<method>_seed<S>/`` (the target's weights, the decomposition, the figure:
 the target's attention patterns on one sequence above those of the decomposition with only the kept parts

@@ -99,9 +99,9 @@ def test_spd_analysis_matches_loops_and_functional_call(small_target):
     data, _ = task.sequences(64, torch.Generator().manual_seed(3))
     dec = apd_lens.decompose(model, data, config, weights=select_weights(model, list(config.weights)))
     base = analyse_induction(dec, task, n_sequences=32, seed=4)
-    ordered = sorted(base.activity_first.values())  # a threshold halfway between two units' activities
-    low = (ordered[len(ordered) // 2 - 1] + ordered[len(ordered) // 2]) / 2
-    report = analyse_induction(dec, task, n_sequences=32, high=0.0, low=low, seed=4)
+    ratios = sorted(base.activity_repeat[u] / f for u, f in base.activity_first.items() if f > 0)
+    contrast = (ratios[len(ratios) // 2 - 1] + ratios[len(ratios) // 2]) / 2  # halfway between two units
+    report = analyse_induction(dec, task, n_sequences=32, high=0.0, contrast=contrast, seed=4)
     assert report.total == 8 * 4
 
     tokens, copies = task.sequences(32, torch.Generator().manual_seed(4))
@@ -114,7 +114,7 @@ def test_spd_analysis_matches_loops_and_functional_call(small_target):
             on_repeat = [ci[site][i, p, c].item() for i in range(32) for p in range(task.n_ctx - 1) if repeat[i, p]]
             assert report.activity_first[(site, c)] == pytest.approx(sum(on_first) / len(on_first), abs=1e-5)
             assert report.activity_repeat[(site, c)] == pytest.approx(sum(on_repeat) / len(on_repeat), abs=1e-5)
-            if sum(on_first) / len(on_first) < low:
+            if sum(on_repeat) / len(on_repeat) >= contrast * sum(on_first) / len(on_first):
                 found.append((site, c))
     assert report.found == found and 0 < len(found) < 32
 
@@ -139,6 +139,12 @@ def test_spd_analysis_matches_loops_and_functional_call(small_target):
     }
     removed = functional_call(model, no_attention, (tokens,))
     assert report.losses["attention removed"] == pytest.approx(half_losses(removed, tokens, copies, task), rel=1e-5)
+    _, cache = model.run_with_cache(tokens)
+    at_mean = {f"blocks.{L}.attn.W_O": no_attention[f"blocks.{L}.attn.W_O"] for L in (0, 1)}
+    at_mean |= {f"blocks.{L}.attn.b_O": cache[f"blocks.{L}.hook_attn_out"].mean((0, 1)) for L in (0, 1)}
+    mean_ablated = functional_call(model, at_mean, (tokens,))
+    got = report.losses["attention mean-ablated"]
+    assert got == pytest.approx(half_losses(mean_ablated, tokens, copies, task), rel=1e-5)
     assert report.losses["decomposition"] == pytest.approx(report.losses["target"], abs=1e-3)
 
     # where a subcomponent's weight sits, head by head
@@ -157,7 +163,7 @@ def test_apd_analysis_ablates_global_components(small_target):
     config = induction_apd_config(n_components=5, rank=2, attribution_probes=4, steps=5, batch_size=8, progress=False)
     data, _ = task.sequences(64, torch.Generator().manual_seed(3))
     dec = apd_lens.decompose(model, data, config, weights=select_weights(model, list(config.weights)))
-    report = analyse_induction(dec, task, n_sequences=16, high=0.0, low=2.0, seed=4)
+    report = analyse_induction(dec, task, n_sequences=16, high=0.0, low=2.0, contrast=0.0, seed=4)
     assert report.total == 5 and [u for u in report.found] == [("", c) for c in range(5)]  # every component
     tokens, copies = task.sequences(16, torch.Generator().manual_seed(4))
     off = {name: torch.zeros_like(model.get_parameter(name)) for name in dec.component_weights()}
