@@ -64,7 +64,8 @@ def test_train_decompose_report_end_to_end(tmp_path, capsys):
     argv = ["decompose", str(target), "--out", str(run), "--steps", "30", "--batch-size", "64"]
     assert main([*argv, "--checkpoint-every", "10", "--set", "simplicity_coeff=0.5", "--no-progress"]) == 0
     cfg = json.loads((run / "cfg.json").read_text())["config"]
-    assert (cfg["steps"], cfg["batch_size"], cfg["simplicity_coeff"], cfg["topk"]) == (30, 64, 0.5, 0.211)
+    # top-k: the TMS 5-2 default
+    assert (cfg["steps"], cfg["batch_size"], cfg["simplicity_coeff"], cfg["topk"]) == (30, 64, 0.5, 0.15)
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_000000020.ckpt", "step_000000030.ckpt"]
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [0, 29]
@@ -82,8 +83,8 @@ def test_train_decompose_report_end_to_end(tmp_path, capsys):
     assert report["eval"]["relative_faithfulness"]["W"] == pytest.approx(faith, rel=1e-4)
     assert report["final_losses"] == rows[-1]
     assert report["eval_batch"] == 500
-    # batch top-k keeps int(0.211 * 500) = 105 (point, component) pairs
-    assert report["eval"]["mean_active_components"] == pytest.approx(105 / 500)
+    # batch top-k keeps int(0.15 * 500) = 75 (point, component) pairs
+    assert report["eval"]["mean_active_components"] == pytest.approx(75 / 500)
     for fig in report["figures"]:
         assert Path(fig).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert {Path(f).name for f in report["figures"]} == {"losses.png", "component_frequency.png", "components_W.png"}

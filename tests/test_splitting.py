@@ -116,7 +116,7 @@ def test_split_with_noise_makes_a_different_copy():
 
 
 def test_splitter_counts_the_masks_seen_at_hook_mask():
-    dec, opt = _trained_decomposition(split_every=10)
+    dec, opt = _trained_decomposition(split_every=10, merge_coactive=0.9)
     splitter = ComponentSplitter(dec, opt)
     batches = [TMSData(5, 50, p=0.3, seed=s).sample() for s in (2, 3)]
     masks = [dec.topk_mask(x) for x in batches]
@@ -125,19 +125,40 @@ def test_splitter_counts_the_masks_seen_at_hook_mask():
     expected = sum((m > 0).double().sum(0) for m in masks)
     torch.testing.assert_close(splitter.counts, expected)
     assert splitter.n_points == 100
+    together = torch.zeros(4, 4, dtype=torch.float64)
+    for m in masks:
+        for n in range(m.shape[0]):
+            for a in range(4):
+                for b in range(4):
+                    together[a, b] += float(m[n, a] > 0 and m[n, b] > 0)
+    torch.testing.assert_close(splitter.coactive, together)
+    restored = ComponentSplitter(dec, opt)  # a resumed run gets both counts back
+    restored.load_state_dict(splitter.state_dict())
+    restored.close()
+    torch.testing.assert_close(restored.coactive, together)
+    torch.testing.assert_close(restored.counts, expected)
 
 
-def test_a_resumed_run_splits_like_the_uninterrupted_one(tmp_path):
+@pytest.mark.parametrize("merge", [None, 0.3])
+def test_a_resumed_run_splits_like_the_uninterrupted_one(tmp_path, merge):
     cfg = (
         TMS(5, 2)
-        .apd_default_config()
+        .apd_default_config(preset="paper")
         .replace(
-            n_components=6, steps=24, batch_size=32, progress=False, split_every=6, split_ratio=1.2, split_until=1.0
+            n_components=6,
+            steps=24,
+            batch_size=32,
+            progress=False,
+            split_every=6,
+            split_ratio=1.2,
+            split_until=1.0,
+            merge_coactive=merge,
         )
     )
     data = TMSData(5, 32, p=0.2, seed=5)
     plain = apd_lens.decompose(TMS(5, 2), data, cfg)
     assert plain.split_history, "the test needs a run that splits"
+    assert bool(plain.merge_history) == (merge is not None), "and, with merging, one that merges"
     run = tmp_path / "a"
     apd_lens.decompose(
         TMS(5, 2), TMSData(5, 32, p=0.2, seed=5), cfg, run_dir=run, checkpoint_every=9, keep_checkpoints=0
@@ -145,6 +166,7 @@ def test_a_resumed_run_splits_like_the_uninterrupted_one(tmp_path):
     middle = checkpoint_path(run, 9)  # between two splits: the counts so far must come back
     resumed = apd_lens.decompose(TMS(5, 2), TMSData(5, 32, p=0.2, seed=5), cfg, run_dir=tmp_path / "b", resume=middle)
     assert resumed.split_history == plain.split_history
+    assert resumed.merge_history == plain.merge_history
     for name in plain.components:
         assert torch.equal(resumed.components[name].A, plain.components[name].A)
         assert torch.equal(resumed.components[name].B, plain.components[name].B)
@@ -160,6 +182,9 @@ def test_a_resumed_run_splits_like_the_uninterrupted_one(tmp_path):
         ({"split_reference": "mean"}, "split_reference"),
         ({"split_points": "all"}, "split_points"),
         ({"split_group_by": "last"}, "split_group_by"),
+        ({"split_every": 10, "merge_coactive": 1.5}, "merge_coactive"),
+        ({"split_every": 10, "merge_coactive": 0.0}, "merge_coactive"),
+        ({"merge_coactive": 0.8}, "merge_coactive needs split_every"),
     ],
 )
 def test_bad_split_settings_are_refused(bad, message):
@@ -253,3 +278,85 @@ def test_split_points_are_where_the_mask_keeps_or_the_attribution_leads(points):
         torch.testing.assert_close(got, enter[keep])
         assert transposed is False
     splitter.close()
+
+
+def test_choose_merges_pairs_duplicates_by_jaccard_overlap():
+    gen = torch.Generator().manual_seed(0)
+    kept = torch.rand(400, 7, generator=gen) < 0.2
+    kept[:, 3] = kept[:, 1] ^ (torch.rand(400, generator=gen) < 0.03)  # 1 and 3 nearly always together
+    kept[:, 5] = kept[:, 1] ^ (torch.rand(400, generator=gen) < 0.06)  # 5 too, a little less
+    kept[:, 6] = False  # dead: never merged
+    mask = kept.double()
+    coactive, counts = mask.T @ mask, mask.sum(0)
+    expected = []
+    for a in range(7):
+        for b in range(a + 1, 7):
+            both = sum(1 for n in range(400) if kept[n, a] and kept[n, b])
+            either = sum(1 for n in range(400) if kept[n, a] or kept[n, b])
+            if either and kept[:, a].any() and kept[:, b].any() and both / either >= 0.6:
+                expected.append((both / either, a, b))
+    expected.sort(reverse=True)
+    assert [(a, b) for _, a, b in expected][:3] == [(1, 3), (1, 5), (3, 5)]
+    merges = splitting.choose_merges(coactive, counts, threshold=0.6)
+    assert len(merges) == 1  # 1 and 3 merge; 5 then has no free partner
+    keep, freed, overlap = merges[0]
+    assert {keep, freed} == {1, 3} and counts[keep] >= counts[freed]
+    assert overlap == pytest.approx(expected[0][0])
+    assert splitting.choose_merges(coactive, counts, threshold=0.999) == []
+
+
+@pytest.mark.parametrize("unit_norm_A", [False, True])
+def test_merge_puts_the_sum_in_one_component_and_frees_the_other(unit_norm_A):
+    dec, opt = _trained_decomposition(unit_norm_A=unit_norm_A)  # TMS 5-2, rank 3 >= 2: any sum fits
+    comp = dec.components["W"]
+    before = comp.A.detach() @ comp.B.detach()
+    assert splitting.merge_components(dec, opt, keep=2, freed=0)
+    after = comp.A.detach() @ comp.B.detach()
+    torch.testing.assert_close(after[2], before[2] + before[0], rtol=1e-5, atol=1e-6)
+    assert after[0].abs().max() == 0 and comp.A[0].abs().max() == 0
+    torch.testing.assert_close(after[[1, 3]], before[[1, 3]], rtol=0, atol=0)
+    for moment in opt.state[comp.B].values():
+        if moment.shape == comp.B.shape:
+            assert moment[0].abs().max() == 0
+    if unit_norm_A:
+        norms = comp.A.detach()[2].norm(dim=0)
+        torch.testing.assert_close(norms[norms > 1e-6], torch.ones_like(norms[norms > 1e-6]))
+
+    rank_one, opt1 = _trained_decomposition(rank=1)  # two rank-1 components in different directions
+    before = [p.detach().clone() for p in rank_one.component_parameters()]
+    assert not splitting.merge_components(rank_one, opt1, keep=0, freed=1)
+    assert all(torch.equal(a, b.detach()) for a, b in zip(before, rank_one.component_parameters(), strict=True))
+
+
+def test_splitter_merges_duplicates_then_splits_a_merged_pair_into_the_freed_one():
+    """Seed 2's failure by hand: feature 4 halved between components 0 and 1, features 1 and 2 in
+    component 4. One check must merge 0 and 1 and split component 4 into the freed one."""
+    model = TMS(5, 2, seed=0)
+    config = model.apd_default_config().replace(n_components=5, progress=False, split_every=4, split_until=1.0)
+    dec = Decomposition(model, model.apd_weight_specs(), config)
+    comp, W = dec.components["W"], model.W.detach()
+    with torch.no_grad():
+        comp.A.zero_()
+        comp.B.zero_()
+        for c, features, scale in ((0, (4,), 0.5), (1, (4,), 0.5), (2, (0,), 1.0), (3, (3,), 1.0), (4, (1, 2), 1.0)):
+            for j, f in enumerate(features):
+                comp.A[c][f, j] = 1.0
+                comp.B[c][j] = scale * W[f]
+    total = (comp.A @ comp.B).detach().sum(0)
+    opt = torch.optim.Adam(dec.component_parameters())
+    splitter = ComponentSplitter(dec, opt)
+    for step in range(4):
+        x = TMSData(5, 256, p=0.1, seed=10 + step).sample()
+        on = x > 0  # the masks top-k gives this state once trained into it (the halves' attributions are
+        # too small for top-k to keep them here): 0 and 1 on feature 4, 2 on 0, 3 on 3, 4 on 1 or 2
+        dec.hook_mask(torch.stack([on[:, 4], on[:, 4], on[:, 0], on[:, 3], on[:, 1] | on[:, 2]], -1).float())
+        splitter.after_step(step, x)
+    splitter.close()
+    assert [(m.keep, m.freed) for m in dec.merge_history] in ([(0, 1)], [(1, 0)])
+    freed = dec.merge_history[0].freed
+    assert [(s.source, s.target) for s in dec.split_history] == [(4, freed)]
+    parts = (comp.A @ comp.B).detach()
+    torch.testing.assert_close(parts.sum(0), total, rtol=1e-5, atol=1e-6)
+    features_of = lambda c: {f for f in range(5) if parts[c][f].norm() > 0.5 * W[f].norm()}  # noqa: E731
+    assert features_of(dec.merge_history[0].keep) == {4}
+    assert {frozenset(features_of(4)), frozenset(features_of(freed))} == {frozenset({1}), frozenset({2})}

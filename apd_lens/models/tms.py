@@ -78,7 +78,11 @@ class TMS(HookedRootModule):
         ``preset="paper"``: the paper's settings (for 40-10 its code's top-k 2; the text's 1 gave MMCS 0.89
         here). ``"default"``: the paper's plus component splitting every 500 steps during the first 30% (not
         in the paper): without it pairs of features can merge into one component while another dies (40-10:
-        every run, MMCS < 0.99; 5-2: seed 5 of 1-6, MMCS 0.969; docs/results.md)."""
+        every run, MMCS < 0.99; 5-2: seed 5 of 1-6, MMCS 0.969), and merging of duplicate components
+        (``merge_coactive=0.8``: a feature halved between two components while two others share one leaves no
+        unused component to split into; 5-2 seed 2 with top-k 0.15, 40-10 seed 3). For 5-2 also batch top-k 0.15
+        (the paper's 0.211 left seed 8 with every component a feature plus a third of a neighbour, MMCS 0.969).
+        docs/results.md."""
         paper_only = is_paper(preset)
         common = {
             "rank": min(self.n_features, self.n_hidden) + 1,
@@ -112,7 +116,11 @@ class TMS(HookedRootModule):
                 "attribution_backend": "jvp",
             }
         if not paper_only:  # split merged feature pairs into unused components (apd_lens.methods.apd.splitting)
-            settings.update(split_every=500, split_until=0.3)
+            # and merge duplicates, freeing a component for such a split (5-2 seed 2, 40-10 seed 3)
+            settings.update(split_every=500, split_until=0.3, merge_coactive=0.8)
+            if (self.n_features, self.n_hidden) == (5, 2):
+                # with the paper's 0.211 seed 8 ends with every component a feature plus a third of a neighbour
+                settings.update(topk=0.15)
         return APDConfig(**common, **settings)
 
     def experiment_name(self) -> str:

@@ -73,6 +73,11 @@ class APDConfig(DecompositionConfig):
     split_reference: str = "live"
     """The reference rate: ``"live"`` the median live component, ``"carrying"`` the median of the
     busiest components carrying 80% of all activity (for C much larger than the number of mechanisms)."""
+    merge_coactive: float | None = None
+    """At each split check, first merge two live components kept together by top-k on at least this
+    fraction of the points where either is kept (Jaccard), when their sum fits one component's rank: the
+    freed one becomes a split target (a mechanism halved between two duplicates leaves no unused
+    component for a merged pair; TMS 5-2 seed 2). None: never. Needs ``split_every``."""
 
     def problems(self) -> list[str]:
         problems = super().problems()
@@ -123,4 +128,9 @@ class APDConfig(DecompositionConfig):
             problems.append(f"split_reference must be 'live' or 'carrying', got {self.split_reference!r}")
         if not 0 <= self.split_until <= 1:
             problems.append(f"split_until must be in [0, 1], got {self.split_until}")
+        if self.merge_coactive is not None:
+            if not 0 < self.merge_coactive <= 1:
+                problems.append(f"merge_coactive must be None or in (0, 1], got {self.merge_coactive}")
+            if self.split_every is None:
+                problems.append("merge_coactive needs split_every (merges happen at the split checks)")
         return problems

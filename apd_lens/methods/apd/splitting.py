@@ -17,6 +17,12 @@ group uses more (:func:`split_by_input_subspace`; the sum of all components, hen
 is unchanged). The same idea as splitting clusters in k-means or re-seeding dead codes from busy
 ones in vector quantization.
 
+A run can also end with no unused component: one mechanism halved between two near-identical
+components (kept by top-k on the same points) while two others share one component. With
+``merge_coactive``, each check first merges such duplicates (:func:`choose_merges`: their Jaccard
+overlap of top-k activity at least ``merge_coactive``) into one component when their sum fits its
+rank (:func:`merge_components`, sum unchanged), and the freed one is a split target in the same check.
+
 Two options matter when components are also kept as batch top-k's fillers and the model has
 several layers (the 2-layer residual MLP): ``split_points="top"`` uses only the data points on which
 the component has the largest attribution (a busy component is also kept on many points where it is
@@ -90,6 +96,72 @@ def choose_splits(
     over = [int(c) for c in torch.argsort(rate, descending=True, stable=True) if rate[c] >= split_ratio * ref]
     dead = [int(c) for c in torch.argsort(rate, stable=True) if rate[c] <= unused * ref]
     return list(zip(over, dead, strict=False)), ref
+
+
+@dataclass(frozen=True)
+class Merge:
+    step: int
+    keep: int
+    freed: int
+    overlap: float
+    """Jaccard overlap of the two components' top-k activity in that window."""
+
+
+def choose_merges(
+    coactive: Float[Tensor, "C C"], counts: Float[Tensor, " C"], threshold: float
+) -> list[tuple[int, int, float]]:
+    """``(keep, freed, overlap)`` for pairs of live components whose top-k activity overlaps by at least
+    ``threshold`` (Jaccard: points where both are kept / points where either is), most overlapping first,
+    each component in one pair at most; the busier one keeps the sum (the lower index on a tie).
+    ``coactive[a, b]``: points where both ``a`` and ``b`` were kept; ``counts``: points where each was."""
+    counts = counts.double()
+    union = counts[:, None] + counts[None, :] - coactive.double()
+    overlap = coactive.double() / union.clamp_min(1e-300)
+    live = counts > 0
+    candidate = torch.triu(live[:, None] & live[None, :] & (overlap >= threshold), diagonal=1)
+    pairs = sorted(((float(overlap[a, b]), int(a), int(b)) for a, b in candidate.nonzero().tolist()), reverse=True)
+    used, merges = set(), []
+    for value, a, b in pairs:
+        if a in used or b in used:
+            continue
+        used.update((a, b))
+        keep, freed = (a, b) if counts[a] >= counts[b] else (b, a)
+        merges.append((keep, freed, value))
+    return merges
+
+
+@torch.no_grad()
+def merge_components(decomposition, optimizer: torch.optim.Optimizer, keep: int, freed: int, tol: float = 1e-5) -> bool:
+    """Put ``P_keep + P_freed`` into ``keep`` and zero ``freed``, in every decomposed weight, when each sum has
+    rank at most the components' rank (singular values beyond it below ``tol`` of the largest); otherwise
+    change nothing and return False. The sum of all components is unchanged; ``freed``'s optimizer
+    moments are reset."""
+    factors = {}
+    for name, comp in decomposition.components.items():
+        total = (comp.A[keep] @ comp.B[keep] + comp.A[freed] @ comp.B[freed]).double()
+        U, S, Vh = torch.linalg.svd(total, full_matrices=False)
+        rank = comp.A.shape[-1]
+        if S.numel() > rank and S[rank] > tol * S[0]:
+            return False
+        n = min(rank, S.numel())
+        root = S[:n].sqrt()
+        a = torch.zeros(comp.A.shape[1:], dtype=torch.float64)
+        b = torch.zeros(comp.B.shape[1:], dtype=torch.float64)
+        a[:, :n], b[:n] = U[:, :n] * root, root[:, None] * Vh[:n]
+        factors[name] = (a, b)
+    for name, comp in decomposition.components.items():
+        a, b = factors[name]
+        comp.A[keep].copy_(a.to(comp.A.dtype))
+        comp.B[keep].copy_(b.to(comp.B.dtype))
+        comp.A[freed].zero_()
+        comp.B[freed].zero_()
+        if decomposition.config.unit_norm_A:
+            _unit_norm_A_keeping_P(comp, (keep,))
+        for param in (comp.A, comp.B):
+            for moment in optimizer.state.get(param, {}).values():
+                if isinstance(moment, Tensor) and moment.shape == param.shape:
+                    moment[freed].zero_()
+    return True
 
 
 @torch.no_grad()
@@ -218,9 +290,12 @@ class ComponentSplitter:
         self.last_step = int(cfg.split_until * cfg.steps)
         self.seed = cfg.seed
         self.counts = torch.zeros(cfg.n_components, dtype=torch.float64)
+        self.merge = getattr(cfg, "merge_coactive", None)
+        self.coactive = torch.zeros(cfg.n_components, cfg.n_components, dtype=torch.float64)
         self.n_points = 0
         self.recent: list[Tensor] = []
         self.history: list[Split] = []
+        self.merges: list[Merge] = []
         self._counting = True
         self._handle = None
         if self.every is not None:
@@ -231,6 +306,9 @@ class ComponentSplitter:
             return
         flat = mask.detach().reshape(-1, mask.shape[-1])
         self.counts += (flat > 0).sum(0).to(device="cpu", dtype=torch.float64)
+        if self.merge is not None:
+            kept = (flat > 0).to(torch.float64)
+            self.coactive += (kept.T @ kept).cpu()
         self.n_points += flat.shape[0]
 
     def after_step(self, step: int, batch: Tensor | None = None) -> list[Split]:
@@ -246,6 +324,7 @@ class ComponentSplitter:
             return []
         counts = distributed.sum_over_ranks(self.counts)
         n_points = int(distributed.sum_over_ranks(torch.tensor([float(self.n_points)])).item())
+        merges = self._merge(done, counts) if self.merge is not None else []
         pairs, median = choose_splits(counts, n_points, self.ratio, self.unused, self.reference)
         logger.debug("step %d: component activity rates %s", done, (counts / max(n_points, 1)).tolist())
         splits = []
@@ -259,6 +338,7 @@ class ComponentSplitter:
                 if not split:
                     split_component(self.decomposition, self.optimizer, source, target, generator)
                 splits.append(Split(done, source, target, float(counts[source]) / max(n_points, 1), median))
+        if pairs or merges:
             for comp in self.decomposition.components.values():
                 distributed.broadcast_module(comp)  # every rank continues from rank 0's split
         for split in splits:
@@ -273,9 +353,25 @@ class ComponentSplitter:
         self.history.extend(splits)
         self.decomposition.split_history = list(self.history)
         self.counts.zero_()
+        self.coactive.zero_()
         self.n_points = 0
         self.recent = []
         return splits
+
+    def _merge(self, done: int, counts: Tensor) -> list[Merge]:
+        """Merge duplicate components (``merge_coactive``); ``counts`` is updated in place: the kept one
+        active wherever either was, the freed one never."""
+        coactive = distributed.sum_over_ranks(self.coactive)
+        merges = []
+        for keep, freed, overlap in choose_merges(coactive, counts, self.merge):
+            if merge_components(self.decomposition, self.optimizer, keep, freed):
+                counts[keep] = counts[keep] + counts[freed] - coactive[keep, freed]
+                counts[freed] = 0.0
+                merges.append(Merge(done, keep, freed, overlap))
+                logger.info("step %d: merged component %d into %d (overlap %.3f)", done, freed, keep, overlap)
+        self.merges.extend(merges)
+        self.decomposition.merge_history = list(self.merges)
+        return merges
 
     def _keep(self, batch: Tensor, done: int) -> None:
         points = max(int(batch.shape[: self.decomposition.n_batch_dims(batch)].numel()), 1)
@@ -328,6 +424,8 @@ class ComponentSplitter:
             "n_points": self.n_points,
             "recent": [x.cpu() for x in self.recent],
             "history": [vars(s) for s in self.history],
+            "coactive": self.coactive.clone(),
+            "merges": [vars(m) for m in self.merges],
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -337,3 +435,7 @@ class ComponentSplitter:
         self.recent = [x.to(device) for x in state.get("recent", [])]
         self.history = [Split(**s) for s in state["history"]]
         self.decomposition.split_history = list(self.history)
+        if "coactive" in state:  # checkpoints from before merging have neither
+            self.coactive = state["coactive"].clone().double()
+        self.merges = [Merge(**m) for m in state.get("merges", [])]
+        self.decomposition.merge_history = list(self.merges)
