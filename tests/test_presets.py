@@ -19,18 +19,16 @@ def changed_fields(a, b) -> set[str]:
     return {k for k in one if one[k] != two[k]}
 
 
-def test_apd_presets_differ_by_splitting_merging_and_5_2_top_k():
+def test_apd_presets_differ_by_splitting_and_for_5_2_top_k_and_merging():
     for model in (TMS(5, 2), TMS(40, 10), ResidualMLP(n_layers=1), ResidualMLP(n_layers=2)):
         paper, default = model.apd_default_config(preset="paper"), model.apd_default_config()
         assert paper.split_every is None and default.split_every == 500 and paper.merge_coactive is None
         changed = changed_fields(paper, default)
-        tms, five_two = isinstance(model, TMS), isinstance(model, TMS) and model.n_features == 5
+        five_two = isinstance(model, TMS) and model.n_features == 5
         assert "split_every" in changed
-        extra = ({"merge_coactive"} if tms else set()) | ({"topk"} if five_two else set())
-        assert changed - {"split_every", "split_until"} == extra
+        assert changed - {"split_every", "split_until"} == ({"topk", "merge_coactive"} if five_two else set())
     paper, default = TMS(5, 2).apd_default_config(preset="paper"), TMS(5, 2).apd_default_config()
     assert (paper.topk, default.topk, default.merge_coactive) == (0.211, 0.15, 0.8)
-    assert TMS(40, 10).apd_default_config().merge_coactive == 0.8
 
 
 def test_spd_paper_presets_are_the_reference_codes():
