@@ -185,3 +185,45 @@ def test_example_reanalyses_a_saved_run_and_refuses_other_settings(tmp_path, cap
         run_example("induction.py", [*argv, "--set", "n_subcomponents=5"])
     with pytest.raises(SystemExit, match="target.target_steps"):
         run_example("induction.py", [*argv, "--target-steps", "21"])
+
+
+@pytest.fixture(scope="module")
+def shortened_target():
+    """The example's target (vocabulary 64, d_model 32, seed 0) after 1,500 of its 6,000 steps (~50 s)."""
+    task = InductionTask(d_vocab=64, max_len=8)
+    model = make_induction_model(task, d_model=32, seed=0)
+    train_induction(model, task, steps=1500, seed=0, progress=False)
+    model.requires_grad_(False)
+    return task, model
+
+
+def test_shortened_training_grows_induction_heads(shortened_target):
+    """Measured: second-copy loss 0.349 (first copy 4.214, chance 4.143), layer 0 head 0 previous-token 0.53,
+    layer-1 heads induction 0.90 / 0.88. Seed 1 copies with heads that look a fixed number of positions back
+    instead (docs/results.md), so the check names its seed."""
+    task, model = shortened_target
+    tokens, copies = task.sequences(256, torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        logits, cache = model.run_with_cache(tokens)
+    first, repeat = half_losses(logits, tokens, copies, task)
+    assert repeat < 0.6 and first > 0.98 * task.chance_loss(), (first, repeat)
+    roles = head_roles({L: cache[f"blocks.{L}.attn.hook_pattern"] for L in (0, 1)}, copies, task)
+    assert max(roles[f"L0H{h}"]["prev_token"] for h in (0, 1)) > 0.4, roles
+    assert min(roles[f"L1H{h}"]["induction"] for h in (0, 1)) > 0.7, roles
+
+
+def test_shortened_spd_finds_the_copying_subcomponents(shortened_target):
+    """SPD with the example's config for 500 of its 4,000 steps (~60 s). Measured (1 thread): 21 of 256
+    subcomponents copy, all in layer 1's W_O; ablating them: second-copy loss 0.382 -> 2.756, first copy 4.217 ->
+    4.164; keeping only them and the first copy's units: second copy 0.479."""
+    task, model = shortened_target
+    config = induction_spd_config(steps=500, seed=0, progress=False)
+    data, _ = task.sequences(8192, torch.Generator().manual_seed(1000))
+    dec = apd_lens.decompose(model, data, config, weights=select_weights(model, list(config.weights)))
+    report = analyse_induction(dec, task, n_sequences=256, seed=2000)
+    assert 0.04 * 256 <= len(report.found) <= 0.1 * 256, report.describe()
+    assert {site for site, _ in report.found} == {"blocks.1.attn.W_O"}, report.describe()
+    (first, repeat), (first_ablated, repeat_ablated) = report.losses["decomposition"], report.losses["ablated"]
+    assert repeat < 0.6 and repeat_ablated > 2.0, report.describe()
+    assert abs(first_ablated - first) < 0.05 * first, report.describe()
+    assert report.losses["kept only"][1] < 1.0, report.describe()
