@@ -158,6 +158,16 @@ def test_spd_analysis_matches_loops_and_functional_call(small_target):
     assert line.startswith(f"IH_SUBCOMPONENTS={len(found)}/32 REPEAT_LOSS_ABLATED=")
 
 
+@pytest.mark.parametrize("bad", [{"contrast": -1.0}, {"high": -0.5}, {"low": -0.1}])
+def test_analysis_refuses_meaningless_thresholds(small_target, bad):
+    task, model = small_target
+    config = induction_spd_config(n_subcomponents=2, steps=1, batch_size=4, progress=False)
+    data, _ = task.sequences(8, torch.Generator().manual_seed(3))
+    dec = apd_lens.decompose(model, data, config, weights=select_weights(model, list(config.weights)))
+    with pytest.raises(ValueError, match="contrast, high and low >= 0"):
+        analyse_induction(dec, task, n_sequences=4, **bad)
+
+
 def test_apd_analysis_ablates_global_components(small_target):
     task, model = small_target
     config = induction_apd_config(n_components=5, rank=2, attribution_probes=4, steps=5, batch_size=8, progress=False)

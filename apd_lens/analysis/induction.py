@@ -139,6 +139,8 @@ def analyse_induction(
     (every unit on), with the copying units ablated (mask 0), keeping only the copying units and those
     active on the first copy (mean activity >= ``low``), and of the target with both layers' attention
     output removed (zero) and mean-ablated (its mean over these sequences and positions)."""
+    if min(contrast, high, low) < 0:  # activities are in [0, 1]: a threshold above 1 selects nothing
+        raise ValueError(f"need contrast, high and low >= 0; got {contrast=}, {high=}, {low=}")
     target = decomposition.model
     tokens, copies = task.sequences(n_sequences, torch.Generator().manual_seed(seed))
     first_mask, repeat_mask = task.first_half_mask(copies), task.repeat_mask(copies)
@@ -162,11 +164,11 @@ def analyse_induction(
         heads={u: head_shares(decomposition, u, n_heads) for u in found},
     )
     attn_out = [f"blocks.{L}.hook_attn_out" for L in range(target.cfg.n_layers)]
-    _, cache = target.run_with_cache(tokens, names_filter=attn_out)
+    target_logits, cache = target.run_with_cache(tokens, names_filter=attn_out)
     zero = lambda t, hook: torch.zeros_like(t)  # noqa: E731
     at_mean = lambda t, hook: cache[hook.name].mean((0, 1)).expand_as(t)  # noqa: E731
     runs = {
-        "target": target(tokens),
+        "target": target_logits,
         "decomposition": decomposition(tokens),
         "ablated": decomposition(tokens, masks_keeping(decomposition, tokens, set(found), default=1.0)),
         "kept only": decomposition(tokens, masks_keeping(decomposition, tokens, set(kept), default=0.0)),

@@ -157,10 +157,8 @@ def merge_components(decomposition, optimizer: torch.optim.Optimizer, keep: int,
         comp.B[freed].zero_()
         if decomposition.config.unit_norm_A:
             _unit_norm_A_keeping_P(comp, (keep,))
-        for param in (comp.A, comp.B):
-            for moment in optimizer.state.get(param, {}).values():
-                if isinstance(moment, Tensor) and moment.shape == param.shape:
-                    moment[freed].zero_()
+        for moment in _moments(optimizer, comp):
+            moment[freed].zero_()
     return True
 
 
@@ -265,12 +263,20 @@ def _unit_norm_A_keeping_P(comp, components: tuple[int, ...]) -> None:
         comp.B[c].mul_(norms[:, None])  # P_c = A_c B_c unchanged
 
 
+def _moments(optimizer: torch.optim.Optimizer, comp) -> list[Tensor]:
+    """The optimizer's per-component moments of ``comp``'s A and B (Adam's running averages)."""
+    return [
+        moment
+        for param in (comp.A, comp.B)
+        for moment in optimizer.state.get(param, {}).values()
+        if isinstance(moment, Tensor) and moment.shape == param.shape
+    ]
+
+
 def _copy_moments(optimizer: torch.optim.Optimizer, comp, source: int, target: int) -> None:
-    """Give ``target`` the optimizer moments of ``source`` (Adam's running averages)."""
-    for param in (comp.A, comp.B):
-        for moment in optimizer.state.get(param, {}).values():
-            if isinstance(moment, Tensor) and moment.shape == param.shape:
-                moment[target].copy_(moment[source])
+    """Give ``target`` the optimizer moments of ``source``."""
+    for moment in _moments(optimizer, comp):
+        moment[target].copy_(moment[source])
 
 
 class ComponentSplitter:
@@ -290,7 +296,7 @@ class ComponentSplitter:
         self.last_step = int(cfg.split_until * cfg.steps)
         self.seed = cfg.seed
         self.counts = torch.zeros(cfg.n_components, dtype=torch.float64)
-        self.merge = getattr(cfg, "merge_coactive", None)
+        self.merge = cfg.merge_coactive
         self.coactive = torch.zeros(cfg.n_components, cfg.n_components, dtype=torch.float64)
         self.n_points = 0
         self.recent: list[Tensor] = []
@@ -304,12 +310,12 @@ class ComponentSplitter:
     def _count(self, module, inputs, mask: Tensor) -> None:
         if not self._counting:
             return
-        flat = mask.detach().reshape(-1, mask.shape[-1])
-        self.counts += (flat > 0).sum(0).to(device="cpu", dtype=torch.float64)
+        kept = mask.detach().reshape(-1, mask.shape[-1]) > 0
+        self.counts += kept.sum(0).to(device="cpu", dtype=torch.float64)
         if self.merge is not None:
-            kept = (flat > 0).to(torch.float64)
-            self.coactive += (kept.T @ kept).cpu()
-        self.n_points += flat.shape[0]
+            both = kept.to(torch.float64)
+            self.coactive += (both.T @ both).cpu()
+        self.n_points += kept.shape[0]
 
     def after_step(self, step: int, batch: Tensor | None = None) -> list[Split]:
         """Split after step ``step`` (0-based) if it ends a counting window; returns the splits.
