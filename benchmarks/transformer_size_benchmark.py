@@ -11,7 +11,8 @@ per vocabulary entry and position, in chunks of 1024 probes) and APD with 16 ran
 components of rank 8 each, batch top-k 2). Each (size, method) runs in its own process under an
 address-space limit of ``--memory-gb`` and a wall-clock budget of ``--budget-s`` (building, a warm-up step
 and ``--repeats`` timed steps); a method that runs out of either is not tried at the larger sizes.
-Prints ms per step and peak resident memory.
+Prints ms per step (and per section of the step: target forward, masked forwards, backward, ...) and peak
+resident memory.
 """
 
 from __future__ import annotations
@@ -92,6 +93,7 @@ def measure(size: str, method: str, repeats: int, memory_gb: float, out) -> None
         out.put(
             {
                 "step_ms": times["step"],
+                "sections_ms": {k: v for k, v in times.items() if k != "step"},
                 "seconds": time.perf_counter() - start,
                 "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                 "n_parameters_decomposed": sum(p.numel() for p in dec.trainable_parameters()),
@@ -156,6 +158,9 @@ def main(argv: list[str] | None = None) -> None:
             r = results[size][method]
             what = r["error"] if "error" in r else f"{r['step_ms']:10.1f} ms/step  peak {r['peak_rss_mb']:7.0f} MB"
             print(f"{size} (d_model {d_model}, {n_layers} layers, vocab {vocab}) {method:<11} {what}", flush=True)
+            if "sections_ms" in r:  # where the step's time goes, largest first
+                parts = sorted(r["sections_ms"].items(), key=lambda kv: -kv[1])
+                print("    " + ", ".join(f"{k} {v:.0f} ms ({v / r['step_ms']:.0%})" for k, v in parts), flush=True)
         spd, probes = results[size].get("spd", {}), results[size].get("apd-probes", {})
         if "step_ms" in spd and "step_ms" in probes:
             print(f"{size} RATIO apd-probes/spd per step {probes['step_ms'] / spd['step_ms']:.2f}x", flush=True)
