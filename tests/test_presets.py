@@ -19,16 +19,20 @@ def changed_fields(a, b) -> set[str]:
     return {k for k in one if one[k] != two[k]}
 
 
-def test_apd_presets_differ_by_splitting_and_for_5_2_top_k_and_merging():
+def test_apd_presets_differ_by_splitting_and_for_tms_by_merging_and_more():
+    extra = {(5, 2): {"topk", "merge_coactive"}, (40, 10): {"merge_coactive", "adopt_orphans"}}
     for model in (TMS(5, 2), TMS(40, 10), ResidualMLP(n_layers=1), ResidualMLP(n_layers=2)):
         paper, default = model.apd_default_config(preset="paper"), model.apd_default_config()
-        assert paper.split_every is None and default.split_every == 500 and paper.merge_coactive is None
+        assert paper.split_every is None and default.split_every == 500
+        assert paper.merge_coactive is None and paper.adopt_orphans is None
         changed = changed_fields(paper, default)
-        five_two = isinstance(model, TMS) and model.n_features == 5
+        size = (model.n_features, model.n_hidden) if isinstance(model, TMS) else None
         assert "split_every" in changed
-        assert changed - {"split_every", "split_until"} == ({"topk", "merge_coactive"} if five_two else set())
+        assert changed - {"split_every", "split_until"} == extra.get(size, set())
     paper, default = TMS(5, 2).apd_default_config(preset="paper"), TMS(5, 2).apd_default_config()
     assert (paper.topk, default.topk, default.merge_coactive) == (0.211, 0.15, 0.8)
+    default = TMS(40, 10).apd_default_config()
+    assert (default.topk, default.merge_coactive, default.adopt_orphans) == (2.0, 0.8, 0.01)
 
 
 def test_spd_paper_presets_are_the_reference_codes():

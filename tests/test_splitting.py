@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import apd_lens
-from apd_lens.methods.apd import splitting
+from apd_lens.methods.apd import component_ops, splitting
 from apd_lens.methods.apd.decomposition import Decomposition
 from apd_lens.methods.apd.splitting import ComponentSplitter, choose_splits, split_component
 from apd_lens.models.resid_mlp import ResidualMLP
@@ -139,8 +139,8 @@ def test_splitter_counts_the_masks_seen_at_hook_mask():
     torch.testing.assert_close(restored.counts, expected)
 
 
-@pytest.mark.parametrize("merge", [None, 0.3])
-def test_a_resumed_run_splits_like_the_uninterrupted_one(tmp_path, merge):
+@pytest.mark.parametrize("merge, adopt", [(None, None), (0.3, None), (0.3, 0.05)])
+def test_a_resumed_run_splits_like_the_uninterrupted_one(tmp_path, merge, adopt):
     cfg = (
         TMS(5, 2)
         .apd_default_config(preset="paper")
@@ -153,12 +153,14 @@ def test_a_resumed_run_splits_like_the_uninterrupted_one(tmp_path, merge):
             split_ratio=1.2,
             split_until=1.0,
             merge_coactive=merge,
+            adopt_orphans=adopt,
         )
     )
     data = TMSData(5, 32, p=0.2, seed=5)
     plain = apd_lens.decompose(TMS(5, 2), data, cfg)
     assert plain.split_history, "the test needs a run that splits"
     assert bool(plain.merge_history) == (merge is not None), "and, with merging, one that merges"
+    assert bool(plain.adoption_history) == (adopt is not None), "and, with adoption, one that adopts"
     run = tmp_path / "a"
     apd_lens.decompose(
         TMS(5, 2), TMSData(5, 32, p=0.2, seed=5), cfg, run_dir=run, checkpoint_every=9, keep_checkpoints=0
@@ -167,6 +169,7 @@ def test_a_resumed_run_splits_like_the_uninterrupted_one(tmp_path, merge):
     resumed = apd_lens.decompose(TMS(5, 2), TMSData(5, 32, p=0.2, seed=5), cfg, run_dir=tmp_path / "b", resume=middle)
     assert resumed.split_history == plain.split_history
     assert resumed.merge_history == plain.merge_history
+    assert resumed.adoption_history == plain.adoption_history
     for name in plain.components:
         assert torch.equal(resumed.components[name].A, plain.components[name].A)
         assert torch.equal(resumed.components[name].B, plain.components[name].B)
@@ -197,7 +200,7 @@ def test_two_line_clusters_separates_points_on_two_lines_whatever_their_sign():
     u, v = torch.randn(2, 6, generator=gen)
     scale = torch.rand(40, 1, generator=gen) * 2 - 1  # signs mixed, as resid-MLP inputs in [-1, 1]
     points = torch.cat([scale[:25] * u, scale[25:] * v]) + 0.01 * torch.randn(40, 6, generator=gen)
-    group = splitting.two_line_clusters(points.double())
+    group = component_ops.two_line_clusters(points.double())
     truth = torch.arange(40) >= 25
     assert torch.equal(group, truth) or torch.equal(group, ~truth)
 
@@ -210,7 +213,7 @@ def test_principal_direction_is_the_top_singular_vector_from_either_gram(n_point
     scales = torch.diag(torch.linspace(1, 3, 30, dtype=torch.float64))
     points = torch.randn(n_points, 30, generator=gen, dtype=torch.float64) @ scales
     expected = torch.linalg.svd(points).Vh[0]
-    direction = splitting.principal_direction(points)
+    direction = component_ops.principal_direction(points)
     assert direction.norm().item() == pytest.approx(1.0, abs=1e-12)
     assert abs(direction @ expected).item() == pytest.approx(1.0, abs=1e-10)
 

@@ -81,7 +81,9 @@ class TMS(HookedRootModule):
         every run, MMCS < 0.99; 5-2: seed 5 of 1-6, MMCS 0.969). For 5-2 also batch top-k 0.15 (the paper's 0.211
         left seed 8 with every component a feature plus a third of a neighbour, MMCS 0.969) and merging of
         duplicate components (``merge_coactive=0.8``: a feature halved between two components while two others
-        share one leaves no unused component to split into; seed 2 with top-k 0.15). docs/results.md."""
+        share one leaves no unused component to split into; seed 2 with top-k 0.15). For 40-10 merging too, and
+        adoption of orphaned features (``adopt_orphans=0.01``: a feature smeared over many components that none
+        owns; seeds 1 and 3 with merging). docs/results.md."""
         paper_only = is_paper(preset)
         common = {
             "rank": min(self.n_features, self.n_hidden) + 1,
@@ -118,9 +120,12 @@ class TMS(HookedRootModule):
             settings.update(split_every=500, split_until=0.3)
             if (self.n_features, self.n_hidden) == (5, 2):
                 # top-k 0.15: with the paper's 0.211 seed 8 ends with every component a feature plus a third of a
-                # neighbour; merging duplicates frees a component for a merged pair's split (seed 2). Not for
-                # 40-10: it fixed seed 3 (0.9740 -> 0.99999) but broke seed 1 (0.9949 -> 0.9793)
+                # neighbour; merging duplicates frees a component for a merged pair's split (seed 2)
                 settings.update(topk=0.15, merge_coactive=0.8)
+            else:
+                # 40-10: merging fixed seed 3 (halved duplicates: 0.9740 -> 0.99999) but left seed 1 with features
+                # no component owns (0.9793); adopting such orphans into the freed components fixes both
+                settings.update(merge_coactive=0.8, adopt_orphans=0.01)
         return APDConfig(**common, **settings)
 
     def experiment_name(self) -> str:

@@ -78,6 +78,12 @@ class APDConfig(DecompositionConfig):
     fraction of the points where either is kept (Jaccard), when their sum fits one component's rank: the
     freed one becomes a split target (a mechanism halved between two duplicates leaves no unused
     component for a merged pair; TMS 5-2 seed 2). None: never. Needs ``split_every``."""
+    adopt_orphans: float | None = None
+    """At each split check that leaves an unused component, look at this share of the kept data points
+    the top-k forward reconstructs worst; if the input direction they share, moved out of every other
+    component into the unused one, lowers the top-k error, keep that move (a mechanism smeared over many
+    components that none owns; TMS 40-10; :mod:`apd_lens.methods.apd.adoption`). None: never. Needs
+    ``split_every``."""
 
     def problems(self) -> list[str]:
         problems = super().problems()
@@ -133,4 +139,9 @@ class APDConfig(DecompositionConfig):
                 problems.append(f"merge_coactive must be None or in (0, 1], got {self.merge_coactive}")
             if self.split_every is None:
                 problems.append("merge_coactive needs split_every (merges happen at the split checks)")
+        if self.adopt_orphans is not None:
+            if not 0 < self.adopt_orphans <= 0.5:
+                problems.append(f"adopt_orphans must be None or in (0, 0.5], got {self.adopt_orphans}")
+            if self.split_every is None:
+                problems.append("adopt_orphans needs split_every (adoptions happen at the split checks)")
         return problems

@@ -62,6 +62,8 @@ class Decomposition(DecompositionBase):
         """The component splits of training (:class:`apd_lens.methods.apd.splitting.Split`), if any."""
         self.merge_history: list = []
         """The merges of duplicate components (:class:`apd_lens.methods.apd.splitting.Merge`), if any."""
+        self.adoption_history: list = []
+        """The orphans given to unused components (:class:`apd_lens.methods.apd.adoption.Adoption`), if any."""
         self.vmap_failure: str | None = None
         """Why the model's forward could not be vmapped (then attributions use batched backward)."""
         self.setup()

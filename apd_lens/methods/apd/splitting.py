@@ -38,9 +38,17 @@ import logging
 from dataclasses import dataclass
 
 import torch
-from jaxtyping import Bool, Float
+from jaxtyping import Float
 from torch import Tensor
 
+from apd_lens.methods.apd.adoption import Adoption, adopt_orphans, reading_uses
+from apd_lens.methods.apd.component_ops import (
+    copy_moments,
+    factor_to_rank,
+    optimizer_moments,
+    two_line_clusters,
+    unit_norm_A_keeping_P,
+)
 from apd_lens.training import distributed
 
 logger = logging.getLogger(__name__)
@@ -94,8 +102,13 @@ def choose_splits(
     if ref == 0.0:
         return [], 0.0
     over = [int(c) for c in torch.argsort(rate, descending=True, stable=True) if rate[c] >= split_ratio * ref]
-    dead = [int(c) for c in torch.argsort(rate, stable=True) if rate[c] <= unused * ref]
-    return list(zip(over, dead, strict=False)), ref
+    return list(zip(over, unused_components(active_counts, n_points, ref, unused), strict=False)), ref
+
+
+def unused_components(active_counts: Float[Tensor, " C"], n_points: int, reference: float, unused: float) -> list[int]:
+    """Components active at most ``unused`` times as often as the ``reference`` rate, least used first."""
+    rate = active_counts.double() / max(n_points, 1)
+    return [int(c) for c in torch.argsort(rate, stable=True) if rate[c] <= unused * reference]
 
 
 @dataclass(frozen=True)
@@ -138,17 +151,10 @@ def merge_components(decomposition, optimizer: torch.optim.Optimizer, keep: int,
     moments are reset."""
     factors = {}
     for name, comp in decomposition.components.items():
-        total = (comp.A[keep] @ comp.B[keep] + comp.A[freed] @ comp.B[freed]).double()
-        U, S, Vh = torch.linalg.svd(total, full_matrices=False)
-        rank = comp.A.shape[-1]
-        if S.numel() > rank and S[rank] > tol * S[0]:
+        total = comp.A[keep] @ comp.B[keep] + comp.A[freed] @ comp.B[freed]
+        factors[name] = factor_to_rank(total, comp.A.shape[-1], tol)
+        if factors[name] is None:
             return False
-        n = min(rank, S.numel())
-        root = S[:n].sqrt()
-        a = torch.zeros(comp.A.shape[1:], dtype=torch.float64)
-        b = torch.zeros(comp.B.shape[1:], dtype=torch.float64)
-        a[:, :n], b[:n] = U[:, :n] * root, root[:, None] * Vh[:n]
-        factors[name] = (a, b)
     for name, comp in decomposition.components.items():
         a, b = factors[name]
         comp.A[keep].copy_(a.to(comp.A.dtype))
@@ -156,8 +162,8 @@ def merge_components(decomposition, optimizer: torch.optim.Optimizer, keep: int,
         comp.A[freed].zero_()
         comp.B[freed].zero_()
         if decomposition.config.unit_norm_A:
-            _unit_norm_A_keeping_P(comp, (keep,))
-        for moment in _moments(optimizer, comp):
+            unit_norm_A_keeping_P(comp, (keep,))
+        for moment in optimizer_moments(optimizer, comp):
             moment[freed].zero_()
     return True
 
@@ -172,37 +178,9 @@ def split_component(decomposition, optimizer: torch.optim.Optimizer, source: int
         for param in (comp.A, comp.B):
             noise = torch.randn(param[source].shape, generator=generator, dtype=param.dtype)
             param[target].copy_(param[source] * (1 + SPLIT_NOISE * noise.to(param.device)))
-        _copy_moments(optimizer, comp, source, target)
+        copy_moments(optimizer, comp, source, target)
         if decomposition.config.unit_norm_A:
-            _unit_norm_A_keeping_P(comp, (source, target))
-
-
-def principal_direction(points: Float[Tensor, "n d"]) -> Float[Tensor, " d"]:
-    """The unit top eigenvector of ``points^T points`` (the line through the origin closest to the
-    points), from the smaller of the two Gram matrices: ``[d, d]``, or ``[n, d]``'s ``[n, n]``
-    when there are fewer points than dims (e.g. 300 points of width 2000: a 300x300 eigh instead of
-    a 2000x2000 one)."""
-    if points.shape[0] >= points.shape[1]:
-        return torch.linalg.eigh(points.T @ points).eigenvectors[:, -1]
-    direction = points.T @ torch.linalg.eigh(points @ points.T).eigenvectors[:, -1]
-    return direction / direction.norm().clamp_min(1e-300)
-
-
-def two_line_clusters(points: Float[Tensor, "n d"], iterations: int = 20) -> Bool[Tensor, " n"]:
-    """Split ``points`` into two groups, each close to a line through the origin (sign-blind
-    2-means on directions): True marks the second group."""
-    unit = points / points.norm(dim=1, keepdim=True).clamp_min(1e-12)
-    first = principal_direction(unit)
-    second = unit[(unit @ first).abs().argmin()]
-    group = torch.zeros(len(unit), dtype=torch.bool, device=unit.device)
-    for _ in range(iterations):
-        new = (unit @ second).abs() > (unit @ first).abs()
-        if new.all() or not new.any() or torch.equal(new, group):
-            break
-        group = new
-        first = principal_direction(unit[~group])
-        second = principal_direction(unit[group])
-    return group
+            unit_norm_A_keeping_P(comp, (source, target))
 
 
 @torch.no_grad()
@@ -250,33 +228,9 @@ def split_by_input_subspace(
             comp.A[source].copy_(a - comp.A[target])
             comp.B[target].copy_(comp.B[source])
         if decomposition.config.unit_norm_A:
-            _unit_norm_A_keeping_P(comp, (source, target))
-        _copy_moments(optimizer, comp, source, target)
+            unit_norm_A_keeping_P(comp, (source, target))
+        copy_moments(optimizer, comp, source, target)
     return True
-
-
-def _unit_norm_A_keeping_P(comp, components: tuple[int, ...]) -> None:
-    """Rescale the columns of these components' A to unit norm, moving the scale into B."""
-    for c in components:
-        norms = comp.A[c].norm(dim=0).clamp_min(1e-12)  # [m]
-        comp.A[c].div_(norms)
-        comp.B[c].mul_(norms[:, None])  # P_c = A_c B_c unchanged
-
-
-def _moments(optimizer: torch.optim.Optimizer, comp) -> list[Tensor]:
-    """The optimizer's per-component moments of ``comp``'s A and B (Adam's running averages)."""
-    return [
-        moment
-        for param in (comp.A, comp.B)
-        for moment in optimizer.state.get(param, {}).values()
-        if isinstance(moment, Tensor) and moment.shape == param.shape
-    ]
-
-
-def _copy_moments(optimizer: torch.optim.Optimizer, comp, source: int, target: int) -> None:
-    """Give ``target`` the optimizer moments of ``source``."""
-    for moment in _moments(optimizer, comp):
-        moment[target].copy_(moment[source])
 
 
 class ComponentSplitter:
@@ -302,6 +256,8 @@ class ComponentSplitter:
         self.recent: list[Tensor] = []
         self.history: list[Split] = []
         self.merges: list[Merge] = []
+        self.adopt = cfg.adopt_orphans
+        self.adoptions: list[Adoption] = []
         self._counting = True
         self._handle = None
         if self.every is not None:
@@ -344,7 +300,12 @@ class ComponentSplitter:
                 if not split:
                     split_component(self.decomposition, self.optimizer, source, target, generator)
                 splits.append(Split(done, source, target, float(counts[source]) / max(n_points, 1), median))
-        if pairs or merges:
+        adoptions = []
+        if self.adopt is not None and median > 0:
+            taken = {target for _, target in pairs}
+            spare = [c for c in unused_components(counts, n_points, median, self.unused) if c not in taken]
+            adoptions = self._adopt(done, spare)
+        if pairs or merges or adoptions:
             for comp in self.decomposition.components.values():
                 distributed.broadcast_module(comp)  # every rank continues from rank 0's split
         for split in splits:
@@ -379,6 +340,25 @@ class ComponentSplitter:
         self.decomposition.merge_history = list(self.merges)
         return merges
 
+    def _adopt(self, done: int, spare: list[int]) -> list[Adoption]:
+        """Give orphaned mechanisms to the ``spare`` components (``adopt_orphans``, :mod:`.adoption`)."""
+        self._counting = False
+        try:
+            adoptions = adopt_orphans(self.decomposition, self.optimizer, spare, self.recent, self.adopt, done)
+        finally:
+            self._counting = True
+        for a in adoptions:
+            logger.info(
+                "step %d: orphan adopted by component %d (top-k error %.3g -> %.3g)",
+                done,
+                a.target,
+                a.error_before,
+                a.error_after,
+            )
+        self.adoptions.extend(adoptions)
+        self.decomposition.adoption_history = list(self.adoptions)
+        return adoptions
+
     def _keep(self, batch: Tensor, done: int) -> None:
         points = max(int(batch.shape[: self.decomposition.n_batch_dims(batch)].numel()), 1)
         n_keep = -(-SPLIT_POINTS // points)
@@ -394,10 +374,7 @@ class ComponentSplitter:
         A tied weight contributes its first use that reads through A (its other uses see the
         model's outputs, interference included)."""
         dec = self.decomposition
-        reading = {}
-        for spec in dec.specs:
-            plain = [i for i, u in enumerate(spec.uses) if not u.transposed]
-            reading[spec.name] = (plain[0] if plain else 0, spec.uses[plain[0] if plain else 0].transposed)
+        reading = reading_uses(dec)
         found: dict[int, dict[str, list[Tensor]]] = {c: {name: [] for name in reading} for c in sources}
         self._counting = False
         try:
@@ -432,6 +409,7 @@ class ComponentSplitter:
             "history": [vars(s) for s in self.history],
             "coactive": self.coactive.clone(),
             "merges": [vars(m) for m in self.merges],
+            "adoptions": [vars(a) for a in self.adoptions],
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -445,3 +423,5 @@ class ComponentSplitter:
             self.coactive = state["coactive"].clone().double()
         self.merges = [Merge(**m) for m in state.get("merges", [])]
         self.decomposition.merge_history = list(self.merges)
+        self.adoptions = [Adoption(**a) for a in state.get("adoptions", [])]
+        self.decomposition.adoption_history = list(self.adoptions)
