@@ -26,6 +26,7 @@ from apd_lens.engine.losses import output_loss_per_point
 from apd_lens.methods.apd.component_ops import (
     factor_to_rank,
     optimizer_moments,
+    reading_uses,
     unit_norm_A_keeping_P,
 )
 
@@ -41,17 +42,6 @@ class Adoption:
     error_before: float
     """Mean top-k output error on the kept points before the move, and after it."""
     error_after: float
-
-
-def reading_uses(decomposition) -> dict[str, tuple[int, bool]]:
-    """Per decomposed weight, the use whose entering activations show how the weight is read: its first
-    use that reads through A (else its first use), and whether that use is transposed."""
-    reading = {}
-    for spec in decomposition.specs:
-        plain = [i for i, u in enumerate(spec.uses) if not u.transposed]
-        index = plain[0] if plain else 0
-        reading[spec.name] = (index, spec.uses[index].transposed)
-    return reading
 
 
 @torch.no_grad()

@@ -37,6 +37,17 @@ def two_line_clusters(points: Float[Tensor, "n d"], iterations: int = 20) -> Boo
     return group
 
 
+def reading_uses(decomposition) -> dict[str, tuple[int, bool]]:
+    """Per decomposed weight, the use whose entering activations show how the weight is read: its first
+    use that reads through A (else its first use), and whether that use is transposed."""
+    reading = {}
+    for spec in decomposition.specs:
+        plain = [i for i, u in enumerate(spec.uses) if not u.transposed]
+        index = plain[0] if plain else 0
+        reading[spec.name] = (index, spec.uses[index].transposed)
+    return reading
+
+
 def factor_to_rank(
     total: Float[Tensor, "d_in d_out"], rank: int, tol: float = 1e-5
 ) -> tuple[Float[Tensor, "d_in rank"], Float[Tensor, "rank d_out"]] | None:

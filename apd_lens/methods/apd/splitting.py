@@ -22,6 +22,8 @@ components (kept by top-k on the same points) while two others share one compone
 ``merge_coactive``, each check first merges such duplicates (:func:`choose_merges`: their Jaccard
 overlap of top-k activity at least ``merge_coactive``) into one component when their sum fits its
 rank (:func:`merge_components`, sum unchanged), and the freed one is a split target in the same check.
+With ``adopt_orphans``, components still unused after the check's splits are offered to mechanisms no
+component owns (:mod:`apd_lens.methods.apd.adoption`).
 
 Two options matter when components are also kept as batch top-k's fillers and the model has
 several layers (the 2-layer residual MLP): ``split_points="top"`` uses only the data points on which
@@ -34,6 +36,7 @@ different directions, so grouping on them split features by sign).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 
@@ -41,11 +44,12 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from apd_lens.methods.apd.adoption import Adoption, adopt_orphans, reading_uses
+from apd_lens.methods.apd.adoption import Adoption, adopt_orphans
 from apd_lens.methods.apd.component_ops import (
     copy_moments,
     factor_to_rank,
     optimizer_moments,
+    reading_uses,
     two_line_clusters,
     unit_norm_A_keeping_P,
 )
@@ -342,11 +346,8 @@ class ComponentSplitter:
 
     def _adopt(self, done: int, spare: list[int]) -> list[Adoption]:
         """Give orphaned mechanisms to the ``spare`` components (``adopt_orphans``, :mod:`.adoption`)."""
-        self._counting = False
-        try:
+        with self._not_counting():
             adoptions = adopt_orphans(self.decomposition, self.optimizer, spare, self.recent, self.adopt, done)
-        finally:
-            self._counting = True
         for a in adoptions:
             logger.info(
                 "step %d: orphan adopted by component %d (top-k error %.3g -> %.3g)",
@@ -358,6 +359,15 @@ class ComponentSplitter:
         self.adoptions.extend(adoptions)
         self.decomposition.adoption_history = list(self.adoptions)
         return adoptions
+
+    @contextlib.contextmanager
+    def _not_counting(self):
+        """The splitter's own passes (which fire ``hook_mask`` too) are not training activity."""
+        self._counting = False
+        try:
+            yield
+        finally:
+            self._counting = True
 
     def _keep(self, batch: Tensor, done: int) -> None:
         points = max(int(batch.shape[: self.decomposition.n_batch_dims(batch)].numel()), 1)
@@ -376,8 +386,7 @@ class ComponentSplitter:
         dec = self.decomposition
         reading = reading_uses(dec)
         found: dict[int, dict[str, list[Tensor]]] = {c: {name: [] for name in reading} for c in sources}
-        self._counting = False
-        try:
+        with self._not_counting():
             for x in self.recent:
                 record = dec.target_pass(x, make_leaves=dec._needs_leaves())  # one pass: enters and attributions
                 attributions = dec.attributions(x, record=record)
@@ -390,8 +399,6 @@ class ComponentSplitter:
                     enter = record.enters[(name, i)].detach()
                     for c in sources:
                         found[c][name].append(enter[mask[:, c] > 0])
-        finally:
-            self._counting = True
         return {
             c: {name: (torch.cat(parts), reading[name][1]) for name, parts in per.items()} for c, per in found.items()
         }
