@@ -10,7 +10,9 @@ Prints wall time and peak memory, and as its LAST line
 - SPD: ``FACTS_OWN=<n>/<total> RECON_KL=<x>`` (a fact's W_in subcomponent with the largest causal importance
   at its SEP position has CI >= 0.5 there and < 0.1 at every other fact's SEP; KL(target || stochastic-masked
   model) averaged over 16 mask draws).
-``--plain-target`` trains the target with cross-entropy alone (no sparsity, no per-fact-neuron penalties).
+The target is trained so that every fact has a neuron of its own at SEP (a neuron two facts share is split
+and trained apart, ``--repair-steps``); ``--plain-target`` trains it with cross-entropy alone (no sparsity, no
+per-fact-neuron penalties, no repair).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from apd_lens.models.fact_lookup import (
     stochastic_recon_kl,
     train_fact_lookup,
 )
+from apd_lens.models.fact_neurons import shared_fact_neurons
 
 
 def main(argv: list[str] | None = None) -> tuple[int, int, float]:
@@ -50,8 +53,11 @@ def main(argv: list[str] | None = None) -> tuple[int, int, float]:
     parser.add_argument("--d-mlp", type=int, default=48)
     parser.add_argument("--act-l1", type=float, default=0.01, help="L1 on MLP activations in target training")
     parser.add_argument("--ablated", type=float, default=1.0, help="target: penalty on predicting with no MLP at SEP")
-    parser.add_argument("--overlap", type=float, default=10.0, help="target: penalty on neurons shared between facts")
+    parser.add_argument("--overlap", type=float, default=1.0, help="target: penalty on neurons shared between facts")
     parser.add_argument("--ramp", type=float, default=0.5, help="target: overlap penalty ramp-up fraction")
+    parser.add_argument(
+        "--repair-steps", type=int, default=1000, help="target: steps after splitting a neuron two facts share (0: off)"
+    )
     parser.add_argument("--plain-target", action="store_true", help="target: cross-entropy only")
     parser.add_argument("--config", "--apd", dest="changes", default="", help="config changes, e.g. 'topk=1.0'")
     parser.add_argument("--threads", type=int, default=None)
@@ -62,6 +68,7 @@ def main(argv: list[str] | None = None) -> tuple[int, int, float]:
         torch.set_num_threads(args.threads)
     if args.plain_target:
         args.act_l1 = args.ablated = args.overlap = 0.0
+        args.repair_steps = 0
     start = time.perf_counter()
     task = FactLookupTask(args.facts, seed=args.seed)
     # the config first, so that a bad --config fails before the target is trained
@@ -85,11 +92,14 @@ def main(argv: list[str] | None = None) -> tuple[int, int, float]:
         ablated_coeff=args.ablated,
         overlap_coeff=args.overlap,
         ramp_frac=args.ramp,
+        repair_steps=args.repair_steps,
         progress=not args.no_progress,
     )
     accuracy = fact_accuracy(target, task)
     dependence = mlp_dependence(target, task)
     print(f"target: {task.n_facts} facts, accuracy {accuracy:.3f}, wrong without the MLP {dependence:.3f}")
+    shared = shared_fact_neurons(target, task)
+    print(f"target neurons that are the main neuron of several facts: {shared or 'none'}")
 
     keys = task.sample_keys(8192, torch.Generator().manual_seed(args.seed + 1000))
     specs = select_weights(target, list(config.weights))

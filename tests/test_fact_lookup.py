@@ -21,6 +21,12 @@ from apd_lens.models.fact_lookup import (  # noqa: E402
     stochastic_recon_kl,
     train_fact_lookup,
 )
+from apd_lens.models.fact_neurons import (  # noqa: E402
+    fact_neuron_push,
+    least_used_neurons,
+    shared_fact_neurons,
+    split_neuron,
+)
 
 
 def test_task_layout():
@@ -78,21 +84,99 @@ def test_activation_l1_makes_the_mlp_sparse():
     assert active[1] < 0.5 * active[0], active
 
 
-def test_ablation_and_overlap_penalties_give_every_fact_its_own_sep_neuron():
-    task = FactLookupTask(n_facts=8, seed=0)
-    model = make_fact_lookup_model(task, d_model=8, d_mlp=24)
+def _train_penalized(task, repair_steps):
+    model = make_fact_lookup_model(task, d_model=8, d_mlp=24, seed=task.seed)
     train_fact_lookup(
-        model, task, steps=1500, act_l1=0.01, ablated_coeff=1.0, overlap_coeff=10.0, ramp_frac=0.5, progress=False
+        model,
+        task,
+        steps=1500,
+        seed=task.seed,
+        act_l1=0.01,
+        ablated_coeff=1.0,
+        overlap_coeff=1.0,
+        ramp_frac=0.5,
+        repair_steps=repair_steps,
+        progress=False,
     )
-    assert fact_accuracy(model, task) == 1.0
+    return model
+
+
+def _push_by_loops(model, task) -> list[list[float]]:
+    """Per fact and neuron: activation at SEP times (the neuron's direct logit for the value - its mean logit)."""
     _, cache = model.run_with_cache(task.sequences(), names_filter="blocks.0.mlp.hook_post")
-    contrib = cache["blocks.0.mlp.hook_post"][:, -1] * model.blocks[0].mlp.W_out.norm(dim=-1)
-    top = contrib.argmax(-1)
-    assert len(set(top.tolist())) == task.n_facts  # no two facts share their main neuron
+    acts = cache["blocks.0.mlp.hook_post"][:, -1].tolist()
+    W_out, W_U = model.blocks[0].mlp.W_out.tolist(), model.W_U.tolist()
+    d_model, d_vocab = len(W_U), len(W_U[0])
+    push = []
+    for fact, value in enumerate(task.values().tolist()):
+        row = []
+        for n in range(len(W_out)):
+            logits = [sum(W_out[n][d] * W_U[d][v] for d in range(d_model)) for v in range(d_vocab)]
+            row.append(acts[fact][n] * (logits[value] - sum(logits) / d_vocab))
+        push.append(row)
+    return push
+
+
+def _main_neurons_by_loops(model, task) -> list[int]:
+    return [max(range(len(row)), key=row.__getitem__) for row in _push_by_loops(model, task)]
+
+
+def test_penalties_and_repair_give_every_fact_its_own_sep_neuron():
+    # seed 1 of this small task ends with two facts on one neuron unless the shared neuron is split and trained apart
+    task = FactLookupTask(n_facts=8, seed=1)
+    unrepaired = _train_penalized(task, repair_steps=0)
+    main = _main_neurons_by_loops(unrepaired, task)
+    assert len(set(main)) < task.n_facts
+    assert shared_fact_neurons(unrepaired, task) == {
+        n: [f for f in range(task.n_facts) if main[f] == n] for n in set(main) if main.count(n) > 1
+    }
+    model = _train_penalized(task, repair_steps=300)
+    assert fact_accuracy(model, task) == 1.0
+    assert len(set(_main_neurons_by_loops(model, task))) == task.n_facts  # no two facts share their main neuron
+    assert shared_fact_neurons(model, task) == {}
     zeroed = model.run_with_hooks(
         task.sequences(), fwd_hooks=[("blocks.0.mlp.hook_post", lambda t, hook: torch.cat([t[:, :1], 0 * t[:, 1:]], 1))]
     )
     assert (zeroed[:, -1].argmax(-1) != task.values()).all()  # without the MLP at SEP no fact is right
+
+
+def test_fact_neuron_push_matches_loops():
+    task = FactLookupTask(n_facts=5, seed=2)
+    model = make_fact_lookup_model(task, d_model=4, d_mlp=6, seed=3)  # untrained: random pushes of both signs
+    expected = torch.tensor(_push_by_loops(model, task))
+    torch.testing.assert_close(fact_neuron_push(model, task), expected, atol=1e-6, rtol=0)
+
+
+def test_split_neuron_copies_and_halves():
+    task = FactLookupTask(n_facts=6, seed=0)
+    model = make_fact_lookup_model(task, d_model=4, d_mlp=8, seed=0)
+    mlp = model.blocks[0].mlp
+    with torch.no_grad():
+        mlp.W_out[5] = 0  # neuron 5 unused: what it did before the split is gone either way
+    before = model(task.sequences())
+    W_in, b_in, W_out = mlp.W_in.clone(), mlp.b_in.clone(), mlp.W_out.clone()
+    split_neuron(model, 2, 5, noise=0.0)
+    torch.testing.assert_close(model(task.sequences()), before)  # no noise: the same function
+    assert torch.equal(mlp.W_in[:, 5], W_in[:, 2]) and mlp.b_in[5] == b_in[2]
+    torch.testing.assert_close(mlp.W_out[2], W_out[2] / 2)
+    torch.testing.assert_close(mlp.W_out[5], W_out[2] / 2)
+    split_neuron(model, 3, 6, noise=0.1, generator=torch.Generator().manual_seed(0))
+    moved = (mlp.W_in[:, 6] - mlp.W_in[:, 3]).norm() / W_in[:, 3].norm()
+    assert 0.01 < moved < 0.5  # a small nudge so that training can pull the two apart
+    untouched = [n for n in range(8) if n not in (2, 3, 5, 6)]
+    assert torch.equal(mlp.W_in[:, untouched], W_in[:, untouched])
+    with pytest.raises(ValueError, match="itself"):
+        split_neuron(model, 1, 1)
+
+
+def test_least_used_neurons_orders_by_total_activation():
+    task = FactLookupTask(n_facts=5, seed=0)
+    model = make_fact_lookup_model(task, d_model=4, d_mlp=8, seed=1)
+    _, cache = model.run_with_cache(task.sequences())
+    post = cache["blocks.0.mlp.hook_post"]
+    use = [sum(abs(post[i, p, n].item()) for i in range(5) for p in range(2)) for n in range(8)]
+    order = least_used_neurons(model, task, exclude={0, 3})
+    assert order == sorted((n for n in range(8) if n not in (0, 3)), key=use.__getitem__)
 
 
 class _FixedCI:

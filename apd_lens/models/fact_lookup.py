@@ -20,6 +20,7 @@ from apd_lens.analysis.ownership import own_subcomponents
 from apd_lens.engine.losses import output_loss
 from apd_lens.methods.apd.config import APDConfig
 from apd_lens.methods.spd.config import SPDConfig
+from apd_lens.models.fact_neurons import fact_neuron_push, least_used_neurons, shared_fact_neurons, split_neuron
 from apd_lens.models.hooked_transformer_target import build_hooked_transformer
 from apd_lens.models.target_training import train_target
 
@@ -92,6 +93,8 @@ def train_fact_lookup(
     ablated_coeff: float = 0.0,
     overlap_coeff: float = 0.0,
     ramp_frac: float = 0.0,
+    repair_steps: int = 0,
+    max_repairs: int = 3,
     progress=True,
 ) -> list[float]:
     """Cross-entropy on both positions (AdamW, wd 0.01, cosine schedule), plus ``act_l1`` times the
@@ -99,10 +102,16 @@ def train_fact_lookup(
     ``ablated_coeff`` times a hinge loss on the margin (plus 1) of the right value over the best
     wrong one after SEP with every MLP neuron at SEP zeroed (the lookup must happen in the MLP at
     SEP, not bypass it through the attention or the MLP at the key position), plus
-    ``overlap_coeff`` times the mean overlap, over pairs of examples with different keys, of the
-    neurons' contributions after SEP (activation times the norm of the neuron's output weights):
-    each fact gets neurons of its own. The overlap coefficient ramps up linearly over the first
-    ``ramp_frac`` of the steps (neurons first learn the task, then specialize)."""
+    ``overlap_coeff`` times the mean cosine similarity, over pairs of examples with different keys,
+    of the neurons' contributions after SEP (activation times the norm of the neuron's output
+    weights): each fact gets neurons of its own, weak facts as much as strong ones. The overlap
+    coefficient ramps up linearly over the first ``ramp_frac`` of the steps (neurons first learn
+    the task, then specialize).
+
+    With ``repair_steps``, after training: while some neuron is the main neuron of two facts
+    (:func:`~apd_lens.models.fact_neurons.shared_fact_neurons`, at most ``max_repairs`` rounds),
+    split each such neuron into the least-used neuron and train ``repair_steps`` more steps at
+    ``lr / 3`` with the full overlap penalty. Returns the loss every 100 steps of every phase."""
     gen = torch.Generator().manual_seed(seed)
     post: dict[str, Tensor] = {}
 
@@ -119,10 +128,11 @@ def train_fact_lookup(
             loss = loss + act_l1 * post["acts"].abs().sum(-1).mean()
         if overlap_coeff:
             contrib = post["acts"][:, -1] * model.blocks[0].mlp.W_out.norm(dim=-1)
+            direction = contrib / (contrib.norm(dim=-1, keepdim=True) + 1e-6)
             keys = post["x"][:, 0]
             other = keys[:, None] != keys[None, :]
-            ramp = min(1.0, post["step"] / (ramp_frac * steps)) if ramp_frac else 1.0
-            loss = loss + ramp * overlap_coeff * (contrib @ contrib.T)[other].mean()
+            ramp = min(1.0, post["step"] / (post["ramp_frac"] * post["steps"])) if post["ramp_frac"] else 1.0
+            loss = loss + ramp * overlap_coeff * (direction @ direction.T)[other].mean()
         if ablated_coeff:
             with model.hooks(fwd_hooks=[("blocks.0.mlp.hook_post", _zero_at_sep)]):
                 ablated = model(post["x"])[:, -1, task.n_facts : 2 * task.n_facts]
@@ -134,11 +144,27 @@ def train_fact_lookup(
     def keep(t: Tensor, hook) -> None:
         post["acts"] = t
 
+    def train(n_steps: int, phase_lr: float, phase_ramp_frac: float) -> list[float]:
+        post.update(steps=n_steps, step=-1, ramp_frac=phase_ramp_frac)
+        model.requires_grad_(True)
+        return train_target(
+            model, batches(), loss_fn, n_steps, phase_lr, schedule="cosine", warmup_frac=0.02, progress=progress
+        )
+
     model.add_hook("blocks.0.mlp.hook_post", keep)
     try:
-        return train_target(
-            model, batches(), loss_fn, steps, lr, schedule="cosine", warmup_frac=0.02, progress=progress
-        )
+        history = train(steps, lr, ramp_frac)
+        for _ in range(max_repairs if repair_steps else 0):
+            shared = shared_fact_neurons(model, task)
+            if not shared:
+                break
+            spare = least_used_neurons(model, task, exclude=set(fact_neuron_push(model, task).argmax(-1).tolist()))
+            if len(spare) < len(shared):
+                raise RuntimeError(f"{len(shared)} shared fact neurons, only {len(spare)} other neurons to split into")
+            for neuron, into in zip(shared, spare, strict=False):
+                split_neuron(model, neuron, into, generator=gen)
+            history += train(repair_steps, lr / 3, 0.0)  # the full overlap penalty from the start
+        return history
     finally:
         model.reset_hooks()
 
