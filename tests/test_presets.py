@@ -20,19 +20,21 @@ def changed_fields(a, b) -> set[str]:
 
 
 def test_apd_presets_differ_by_splitting_and_for_tms_by_merging_and_more():
-    extra = {(5, 2): {"topk", "merge_coactive"}, (40, 10): {"merge_coactive", "adopt_orphans"}}
+    extra = {(5, 2): {"topk", "merge_coactive"}, (40, 10): {"merge_coactive", "adopt_orphans"}, 2: {"lr"}}
     for model in (TMS(5, 2), TMS(40, 10), ResidualMLP(n_layers=1), ResidualMLP(n_layers=2)):
         paper, default = model.apd_default_config(preset="paper"), model.apd_default_config()
         assert paper.split_every is None and default.split_every == 500
         assert paper.merge_coactive is None and paper.adopt_orphans is None
         changed = changed_fields(paper, default)
-        size = (model.n_features, model.n_hidden) if isinstance(model, TMS) else None
+        size = (model.n_features, model.n_hidden) if isinstance(model, TMS) else model.n_layers
         assert "split_every" in changed
         assert changed - {"split_every", "split_until"} == extra.get(size, set())
     paper, default = TMS(5, 2).apd_default_config(preset="paper"), TMS(5, 2).apd_default_config()
     assert (paper.topk, default.topk, default.merge_coactive) == (0.211, 0.15, 0.8)
     default = TMS(40, 10).apd_default_config()
     assert (default.topk, default.merge_coactive, default.adopt_orphans) == (2.0, 0.8, 0.01)
+    two_layers = ResidualMLP(n_layers=2)
+    assert (two_layers.apd_default_config(preset="paper").lr, two_layers.apd_default_config().lr) == (5e-4, 3e-4)
 
 
 def test_spd_paper_presets_are_the_reference_codes():
