@@ -102,8 +102,10 @@ def test_paper_config():
     for n_layers, C, coeffs, lr in ((1, 130, (1, 1, 10, 1), 1e-3), (2, 200, (1, 2, 7, 1), 5e-4)):
         model = ResidualMLP(n_layers=n_layers)
         cfg = model.apd_default_config(preset="paper")
-        assert cfg.split_every is None  # the paper does not split; the default preset does:
-        assert cfg.replace(split_every=500) == model.apd_default_config()
+        assert cfg.split_every is None  # the paper does not split; the default preset does (and, for 2 layers,
+        # lowers the lr to 3e-4: 5e-4 diverged on seed 1)
+        default_lr = 1e-3 if n_layers == 1 else 3e-4
+        assert cfg.replace(split_every=500, lr=default_lr) == model.apd_default_config()
         assert model.d_mlp * n_layers == 50
         assert cfg.n_components == C and cfg.topk == 1.28 and cfg.schatten_p == 0.9 and cfg.unit_norm_A
         got = (cfg.faithfulness_coeff, cfg.minimality_coeff, cfg.simplicity_coeff, cfg.act_recon_coeff)
