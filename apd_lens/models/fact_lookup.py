@@ -144,9 +144,12 @@ def train_fact_lookup(
     def keep(t: Tensor, hook) -> None:
         post["acts"] = t
 
+    trainable = [p for p in model.parameters() if p.requires_grad]  # train_target freezes them when done
+
     def train(n_steps: int, phase_lr: float, phase_ramp_frac: float) -> list[float]:
         post.update(steps=n_steps, step=-1, ramp_frac=phase_ramp_frac)
-        model.requires_grad_(True)
+        for p in trainable:
+            p.requires_grad_(True)
         return train_target(
             model, batches(), loss_fn, n_steps, phase_lr, schedule="cosine", warmup_frac=0.02, progress=progress
         )
