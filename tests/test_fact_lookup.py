@@ -140,6 +140,23 @@ def test_penalties_and_repair_give_every_fact_its_own_sep_neuron():
     assert (zeroed[:, -1].argmax(-1) != task.values()).all()  # without the MLP at SEP no fact is right
 
 
+def test_repair_refuses_bad_settings_and_says_when_it_cannot_finish():
+    task = FactLookupTask(n_facts=8, seed=0)
+    model = make_fact_lookup_model(task, d_model=4, d_mlp=8, seed=0)
+    for bad in (dict(repair_steps=-1, overlap_coeff=1.0), dict(repair_steps=10, max_repairs=0, overlap_coeff=1.0)):
+        with pytest.raises(ValueError, match="repair_steps must be >= 0"):
+            train_fact_lookup(model, task, steps=5, progress=False, **bad)
+    with pytest.raises(ValueError, match="needs overlap_coeff"):
+        train_fact_lookup(model, task, steps=5, repair_steps=10, progress=False)
+    # untrained (steps=0), facts pile onto few neurons; one round of one step cannot separate them
+    assert shared_fact_neurons(model, task)
+    with pytest.warns(UserWarning, match="1 repair rounds left neurons carrying several facts"):
+        train_fact_lookup(model, task, steps=0, overlap_coeff=1.0, repair_steps=1, max_repairs=1, progress=False)
+    tiny = make_fact_lookup_model(task, d_model=4, d_mlp=2, seed=0)  # 8 facts on 2 neurons: none to split into
+    with pytest.raises(RuntimeError, match="only 0 other neurons"):
+        train_fact_lookup(tiny, task, steps=0, overlap_coeff=1.0, repair_steps=1, progress=False)
+
+
 def test_fact_neuron_push_matches_loops():
     task = FactLookupTask(n_facts=5, seed=2)
     model = make_fact_lookup_model(task, d_model=4, d_mlp=6, seed=3)  # untrained: random pushes of both signs

@@ -9,6 +9,7 @@ Built from a config (no downloads) as a TransformerLens HookedTransformer (TL 3.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -20,7 +21,7 @@ from apd_lens.analysis.ownership import own_subcomponents
 from apd_lens.engine.losses import output_loss
 from apd_lens.methods.apd.config import APDConfig
 from apd_lens.methods.spd.config import SPDConfig
-from apd_lens.models.fact_neurons import fact_neuron_push, least_used_neurons, shared_fact_neurons, split_neuron
+from apd_lens.models.fact_neurons import least_used_neurons, main_fact_neurons, shared_fact_neurons, split_neuron
 from apd_lens.models.hooked_transformer_target import build_hooked_transformer
 from apd_lens.models.target_training import train_target
 
@@ -111,7 +112,12 @@ def train_fact_lookup(
     With ``repair_steps``, after training: while some neuron is the main neuron of two facts
     (:func:`~apd_lens.models.fact_neurons.shared_fact_neurons`, at most ``max_repairs`` rounds),
     split each such neuron into the least-used neuron and train ``repair_steps`` more steps at
-    ``lr / 3`` with the full overlap penalty. Returns the loss every 100 steps of every phase."""
+    ``lr / 3`` with the full overlap penalty (a warning if a neuron is still shared after the last
+    round). Returns the loss every 100 steps of every phase."""
+    if repair_steps < 0 or max_repairs < 1:
+        raise ValueError(f"repair_steps must be >= 0 and max_repairs >= 1, got {repair_steps} and {max_repairs}")
+    if repair_steps and not overlap_coeff:
+        raise ValueError("repair_steps needs overlap_coeff > 0: the overlap penalty is what pulls a split neuron apart")
     gen = torch.Generator().manual_seed(seed)
     post: dict[str, Tensor] = {}
 
@@ -157,16 +163,22 @@ def train_fact_lookup(
     model.add_hook("blocks.0.mlp.hook_post", keep)
     try:
         history = train(steps, lr, ramp_frac)
-        for _ in range(max_repairs if repair_steps else 0):
-            shared = shared_fact_neurons(model, task)
+        rounds = max_repairs if repair_steps else 0
+        main = main_fact_neurons(model, task) if rounds else []
+        shared = shared_fact_neurons(model, task, main)
+        for _ in range(rounds):
             if not shared:
                 break
-            spare = least_used_neurons(model, task, exclude=set(fact_neuron_push(model, task).argmax(-1).tolist()))
+            spare = least_used_neurons(model, task, exclude=set(main))
             if len(spare) < len(shared):
                 raise RuntimeError(f"{len(shared)} shared fact neurons, only {len(spare)} other neurons to split into")
             for neuron, into in zip(shared, spare, strict=False):
                 split_neuron(model, neuron, into, generator=gen)
             history += train(repair_steps, lr / 3, 0.0)  # the full overlap penalty from the start
+            main = main_fact_neurons(model, task)
+            shared = shared_fact_neurons(model, task, main)
+        if rounds and shared:
+            warnings.warn(f"{rounds} repair rounds left neurons carrying several facts: {shared}", stacklevel=2)
         return history
     finally:
         model.reset_hooks()

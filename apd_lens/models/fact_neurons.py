@@ -33,11 +33,16 @@ def fact_neuron_push(model, task: FactLookupTask) -> Float[Tensor, "n_facts d_ml
     return acts * relative[:, task.values()].T
 
 
-def shared_fact_neurons(model, task: FactLookupTask) -> dict[int, list[int]]:
-    """Neurons that are the main neuron (largest push, :func:`fact_neuron_push`) of more than one fact,
-    each with those facts."""
+def main_fact_neurons(model, task: FactLookupTask) -> list[int]:
+    """Per fact, its main neuron: the one with the largest push (:func:`fact_neuron_push`)."""
+    return fact_neuron_push(model, task).argmax(-1).tolist()
+
+
+def shared_fact_neurons(model, task: FactLookupTask, main: list[int] | None = None) -> dict[int, list[int]]:
+    """Neurons that are the main neuron of more than one fact, each with those facts (``main``: the
+    facts' main neurons when already computed, :func:`main_fact_neurons`)."""
     facts_of: dict[int, list[int]] = {}
-    for fact, neuron in enumerate(fact_neuron_push(model, task).argmax(-1).tolist()):
+    for fact, neuron in enumerate(main_fact_neurons(model, task) if main is None else main):
         facts_of.setdefault(neuron, []).append(fact)
     return {neuron: facts for neuron, facts in facts_of.items() if len(facts) > 1}
 
