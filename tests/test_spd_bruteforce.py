@@ -13,6 +13,7 @@ import torch
 from torch.func import functional_call
 
 import apd_lens.methods.spd.decomposition as spd_module
+import apd_lens.methods.spd.losses as spd_losses
 from apd_lens import SPDConfig, SPDDecomposition
 from apd_lens.engine.spec import get_parameter
 from apd_lens.methods.spd.sigmoids import lower_leaky_hard_sigmoid, upper_leaky_hard_sigmoid
@@ -219,6 +220,29 @@ def test_causal_importances_match_loops(kind):
         torch.testing.assert_close(got[site], lower[site], rtol=1e-6, atol=1e-9)
 
 
+def masked_outputs(dec, x, kind, masks_by_site, deltas_by_site, is_masked) -> torch.Tensor:
+    """Output of each example n, one at a time, with site s at its masked weight where
+    ``is_masked(n, s)`` and at the target's own weight elsewhere."""
+    outs = []
+    for n in range(x.shape[0]):
+        weights = {}
+        for site in dec.sites:
+            weight, _, use = site.partition(":use")
+            if not is_masked(n, site):
+                weights[site] = None  # the target's own weight
+            else:
+                weights[site] = masked_weight(dec, weight, masks_by_site[site][n], deltas_by_site[site][n])
+        if kind == "tms":
+            w0 = dec.model.W if weights["W"] is None else weights["W"]
+            w1 = dec.model.W if weights["W:use1"] is None else weights["W:use1"]
+            outs.append(torch.relu((x[n] @ w0) @ w1.T + dec.model.b_final))
+        else:
+            params = {k: v.detach() for k, v in dec.model.named_parameters()}
+            params.update({k: v for k, v in weights.items() if v is not None})
+            outs.append(functional_call(dec.model, params, (x[n][None],))[0])
+    return torch.stack(outs)
+
+
 class Recorder:
     """Wraps a mask-sampling function and keeps what it returned."""
 
@@ -256,25 +280,7 @@ def test_every_loss_term_matches_loops(kind, samples, monkeypatch):
     torch.testing.assert_close(terms["faithfulness"], faith / n_params, rtol=1e-6, atol=0)
 
     def run(masks_by_site, deltas_by_site, only=None):
-        """Output of example n with each site at its own masked weight (only ``only`` masked)."""
-        outs = []
-        for n in range(x.shape[0]):
-            weights = {}
-            for site in dec.sites:
-                weight, _, use = site.partition(":use")
-                if only is not None and site != only:
-                    weights[site] = None  # the target's own weight
-                else:
-                    weights[site] = masked_weight(dec, weight, masks_by_site[site][n], deltas_by_site[site][n])
-            if kind == "tms":
-                w0 = dec.model.W if weights["W"] is None else weights["W"]
-                w1 = dec.model.W if weights["W:use1"] is None else weights["W:use1"]
-                outs.append(torch.relu((x[n] @ w0) @ w1.T + dec.model.b_final))
-            else:
-                params = {k: v.detach() for k, v in dec.model.named_parameters()}
-                params.update({k: v for k, v in weights.items() if v is not None})
-                outs.append(functional_call(dec.model, params, (x[n][None],))[0])
-        return torch.stack(outs)
+        return masked_outputs(dec, x, kind, masks_by_site, deltas_by_site, lambda n, site: only in (None, site))
 
     recon, layerwise = [], []
     for masks, deltas in zip(masks_rec.calls, delta_rec.calls, strict=True):
@@ -305,6 +311,71 @@ def test_every_loss_term_matches_loops(kind, samples, monkeypatch):
     for k, m in masks_rec.calls[0].items():
         g = lower[dec.sites[dec.site_keys.index(k)]]
         assert bool((m >= g - 1e-12).all()) and bool((m <= 1).all())
+
+
+@pytest.mark.parametrize("kind", ["tms", "mlp"])
+def test_subset_recon_matches_loops(kind, monkeypatch):
+    """stochastic_recon_subset: per example, the weights its route picked at their masked weight (a tied
+    weight's uses together), the others at the target's; and the routes' subset sizes are 1..n_weights."""
+    dec, x = make(kind, n_mask_samples=2, stochastic_recon_subset_coeff=0.5)
+    masks_rec = Recorder(spd_module.stochastic_masks)
+    delta_rec = Recorder(spd_module.delta_masks)
+    route_rec = Recorder(spd_module.subset_routes)
+    for name, rec in (("stochastic_masks", masks_rec), ("delta_masks", delta_rec), ("subset_routes", route_rec)):
+        monkeypatch.setattr(spd_module, name, rec)
+    terms = dec.losses(x, torch.Generator().manual_seed(3))
+    target_out = dec.model(x).detach()
+    losses = []
+    for masks, deltas, route in zip(masks_rec.calls, delta_rec.calls, route_rec.calls, strict=True):
+        by_site = {dec.sites[dec.site_keys.index(k)]: m for k, m in masks.items()}
+        d_by_site = {dec.sites[dec.site_keys.index(k)]: m for k, m in deltas.items()}
+        routed = lambda n, site, route=route: bool(route[site.partition(":use")[0]][n])  # noqa: E731
+        losses.append((masked_outputs(dec, x, kind, by_site, d_by_site, routed) - target_out).square().mean())
+        sizes = sum(r.long() for r in route.values())
+        assert set(route) == {s.name for s in dec.specs}
+        assert int(sizes.min()) >= 1 and int(sizes.max()) <= len(route)
+    torch.testing.assert_close(terms["stochastic_recon_subset"], sum(losses) / len(losses), rtol=1e-6, atol=0)
+    want_total = (
+        terms["faithfulness"]
+        + terms["stochastic_recon"]
+        + terms["stochastic_recon_layerwise"]
+        + 0.5 * terms["stochastic_recon_subset"]
+        + dec.config.importance_minimality_coeff * terms["importance_minimality"]
+    )
+    torch.testing.assert_close(terms["total"], want_total)
+
+
+def test_subset_routes_draw_uniform_subset_sizes():
+    """k is uniform on 1..n and, given k, every weight is equally likely to be in the subset."""
+    names = ["a", "b", "c", "d"]
+    route = spd_losses.subset_routes(names, 40_000, torch.zeros(1), torch.Generator().manual_seed(0))
+    sizes = sum(r.long() for r in route.values())
+    counts = torch.bincount(sizes, minlength=5)[1:].double() / 40_000
+    torch.testing.assert_close(counts, torch.full((4,), 0.25, dtype=torch.float64), atol=0.01, rtol=0)
+    share = torch.stack([r.double().mean() for r in route.values()])  # E[k] / n = 2.5 / 4
+    torch.testing.assert_close(share, torch.full((4,), 0.625, dtype=torch.float64), atol=0.01, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["tms", "mlp"])
+def test_importance_frequency_term_matches_loops(kind):
+    """importance_beta: each subcomponent's mean (g + eps)^p times 1 + beta log2(1 + its batch sum)."""
+    beta, p = 0.7, 1.5
+    dec, x = make(kind, importance_p=p, importance_beta=beta)
+    with torch.no_grad():  # CI away from 0 so that the term is not trivially small
+        for sub in dec.subcomponents.values():
+            for fn in sub.ci_fns:
+                fn.b_out.copy_(torch.linspace(0.2, 1.2, fn.b_out.shape[0]))
+    terms = dec.losses(x, torch.Generator().manual_seed(0))
+    _, upper = ci_by_loops(dec, x)
+    upper = {site: u.detach() for site, u in upper.items()}
+    plain, with_beta = 0.0, 0.0
+    for site in dec.sites:
+        for c in range(upper[site].shape[1]):
+            total = sum((upper[site][n, c] + 1e-12) ** p for n in range(x.shape[0]))
+            plain += total / x.shape[0]
+            with_beta += total / x.shape[0] * (1 + beta * math.log2(1 + float(total)))
+    torch.testing.assert_close(terms["importance_minimality"], torch.as_tensor(with_beta), rtol=1e-6, atol=0)
+    assert abs(float(terms["importance_minimality"].detach()) - float(plain)) > 0.1 * float(plain)
 
 
 def test_gradients_reach_every_trainable_parameter():

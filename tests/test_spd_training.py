@@ -120,6 +120,7 @@ def test_resuming_with_the_other_methods_config_is_refused(tmp_path):
         ({"n_subcomponents": {}}, "empty dict"),
         ({"importance_p": 0.0}, "importance_p must be > 0"),
         ({"importance_p": -1.0}, "importance_p must be > 0"),
+        ({"importance_beta": -0.1}, "importance_beta must be >= 0"),
         ({"importance_minimality_coeff": -1e-3}, "importance_minimality_coeff must be >= 0"),
         ({"stochastic_recon_coeff": -1.0}, "stochastic_recon_coeff must be >= 0"),
         ({"faithfulness_coeff": -1.0}, "faithfulness_coeff must be >= 0"),

@@ -14,6 +14,7 @@ LOSS_COEFFS = (
     "faithfulness_coeff",
     "stochastic_recon_coeff",
     "stochastic_recon_layerwise_coeff",
+    "stochastic_recon_subset_coeff",
     "importance_minimality_coeff",
     "act_recon_coeff",
 )
@@ -47,6 +48,12 @@ class SPDConfig(DecompositionConfig):
     faithfulness_coeff: float = 1.0
     stochastic_recon_coeff: float = 1.0
     stochastic_recon_layerwise_coeff: float = 1.0
+    stochastic_recon_subset_coeff: float = 0.0
+    """One masked pass per mask sample in which each data point has a random subset of the weights
+    masked (k uniform in 1..n_weights, a uniformly random k-subset; the others at the target's
+    weight): the reference's ``StochasticReconSubsetLoss`` for language models. One pass where the
+    layerwise term needs one per weight use, so with many weights set this > 0 and
+    ``stochastic_recon_layerwise_coeff=0`` for a lean step."""
     importance_minimality_coeff: float = 1e-4
     importance_p: float = 2.0
     """p of the importance-minimality penalty ``sum |g_upper|^p``."""
@@ -58,6 +65,11 @@ class SPDConfig(DecompositionConfig):
     """... to this one."""
     importance_eps: float = 1e-12
     """Added to the CI before the power p."""
+    importance_beta: float = 0.0
+    """Frequency term of the importance penalty (the reference's ``beta``; 0: off): each subcomponent's
+    mean ``(g + eps)^p`` is multiplied by ``1 + beta log2(1 + its sum over the batch)``, so that one
+    subcomponent serving many inputs costs more than several serving them apart. Depends on the
+    batch size."""
     act_recon_coeff: float = 0.0
     """Stochastic reconstruction of the activations at ``act_recon_hooks`` (0: off)."""
     act_recon_hooks: tuple[str, ...] = ()
@@ -97,6 +109,8 @@ class SPDConfig(DecompositionConfig):
                 "p annealing needs 0 <= p_anneal_start_frac <= p_anneal_end_frac <= 1, got "
                 f"{self.p_anneal_start_frac} and {self.p_anneal_end_frac}"
             )
+        if not self.importance_beta >= 0:
+            problems.append(f"importance_beta must be >= 0, got {self.importance_beta}")
         if not self.importance_eps >= 0:
             problems.append(f"importance_eps must be >= 0, got {self.importance_eps}")
         if self.act_recon_coeff > 0 and not self.act_recon_hooks:

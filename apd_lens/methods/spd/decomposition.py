@@ -8,7 +8,8 @@ masks. One training step:
 2. causal importances ``g = σ_lower(γ(h))`` per site from those activations (``h = a V`` for the
    per-subcomponent MLPs), and ``σ_upper`` of the same for the penalty;
 3. ``S`` times: masks ``m = g + (1 - g) r``; one masked pass with every site masked (stochastic
-   recon) and one per site with only that site masked, the others at the target (layerwise);
+   recon), one per site with only that site masked, the others at the target (layerwise), and,
+   if asked, one with a random subset of the weights masked per data point (subset);
    masked passes replace each leaving activation by ``((a V) ⊙ m) U (+ r_Δ a Δ) + bias`` with the
    entering activation ``a`` read live;
 4. faithfulness ``Σ ||W - V U||² / N`` and importance minimality ``Σ_sites Σ_c mean_n (g_upper + ε)^p``.
@@ -34,6 +35,7 @@ from apd_lens.methods.spd.losses import (
     faithfulness_loss,
     importance_minimality_loss,
     stochastic_masks,
+    subset_routes,
 )
 from apd_lens.methods.spd.sigmoids import leaky_hard_sigmoids, lower_leaky_hard_sigmoid
 from apd_lens.methods.spd.subcomponents import Subcomponents
@@ -145,11 +147,15 @@ class SPDDecomposition(DecompositionBase):
         deltas: Mapping[str, Tensor] | None,
         delta_mask: Mapping[UseKey, Tensor] | None,
         others_at_target: bool,
+        route: Mapping[str, Tensor] | None = None,
     ) -> Replacement:
         """The engine's replacement for a masked pass. Sites in ``masks`` ([n, C] each) are masked;
         the others (all of them when ``masks`` is None) have every subcomponent on, or, with
         ``others_at_target``, keep the model's own weight. ``deltas`` (weight -> ``W - V U``): add
-        the delta component, times ``delta_mask[site]`` ([n]) where given, else fully."""
+        the delta component, times ``delta_mask[site]`` ([n]) where given, else fully. ``route``
+        (weight -> [n] bool): the data points where the weight is replaced; elsewhere it is the
+        target's own."""
+        targets = self.target_matrices() if route is not None else None
 
         def replace(key: UseKey, enter: Tensor, leave: Tensor, batch_shape: tuple[int, ...]) -> Tensor | None:
             mask = None if masks is None else masks.get(key)
@@ -168,6 +174,9 @@ class SPDDecomposition(DecompositionBase):
                 delta_out = enter @ (delta.T if transposed else delta)
                 weight = None if delta_mask is None else delta_mask.get(key)
                 out = out + (delta_out if weight is None else weight[:, None] * delta_out)
+            if route is not None:
+                target = targets[key[0]]
+                out = torch.where(route[key[0]][:, None], out, enter @ (target.T if transposed else target))
             return out
 
         return replace
@@ -276,7 +285,7 @@ class SPDDecomposition(DecompositionBase):
             deltas = {n: targets[n] - sums[n] for n in targets} if cfg.use_delta_component else None
             terms = {"faithfulness": faithfulness_loss(targets, sums)}
         n_points = next(iter(ci.values())).shape[0]
-        recon, layerwise, act_recon = [], [], []
+        recon, layerwise, subset, act_recon = [], [], [], []
         for _ in range(cfg.n_mask_samples):
             with section("masks"):
                 masks = stochastic_masks(ci, cfg.sampling, generator)
@@ -291,6 +300,11 @@ class SPDDecomposition(DecompositionBase):
                     if cfg.act_recon_hooks:
                         targets_acts = {k: v.detach() for k, v in target.acts.items()}
                         act_recon.append(activation_recon_loss(rec.acts, targets_acts, len(target.batch_shape)))
+            if cfg.stochastic_recon_subset_coeff > 0:
+                with section("subset_forward"):
+                    route = subset_routes([s.name for s in self.specs], n_points, like, generator)
+                    rec = self.hooked_pass(x, replace=self._replacement(masks, deltas, dmasks, False, route))
+                    subset.append(output_loss(rec.output, target_out, cfg.output_loss))
             if cfg.stochastic_recon_layerwise_coeff > 0:
                 with section("layerwise_forward"):
                     for key in self.site_keys:
@@ -303,13 +317,18 @@ class SPDDecomposition(DecompositionBase):
             terms["stochastic_recon_layerwise"] = torch.stack(layerwise).mean() if layerwise else zero
             progress = 1.0 if step is None else step / max(cfg.steps, 1)
             p = cfg.importance_p_at(progress)
-            terms["importance_minimality"] = importance_minimality_loss(ci_upper, p, cfg.importance_eps)
+            terms["importance_minimality"] = importance_minimality_loss(
+                ci_upper, p, cfg.importance_eps, cfg.importance_beta
+            )
             total = (
                 cfg.faithfulness_coeff * terms["faithfulness"]
                 + cfg.stochastic_recon_coeff * terms["stochastic_recon"]
                 + cfg.stochastic_recon_layerwise_coeff * terms["stochastic_recon_layerwise"]
                 + cfg.importance_minimality_coeff * terms["importance_minimality"]
             )
+            if cfg.stochastic_recon_subset_coeff > 0:
+                terms["stochastic_recon_subset"] = torch.stack(subset).mean()
+                total = total + cfg.stochastic_recon_subset_coeff * terms["stochastic_recon_subset"]
             if cfg.act_recon_hooks:
                 terms["act_recon"] = torch.stack(act_recon).mean() if act_recon else zero
                 total = total + cfg.act_recon_coeff * terms["act_recon"]

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Hashable
 
 import torch
-from jaxtyping import Float
+from jaxtyping import Bool, Float
 from torch import Tensor
 
 from apd_lens.training.distributed import local_part, world_size
@@ -22,10 +22,26 @@ def faithfulness_loss(targets: dict[str, Tensor], sums: dict[str, Tensor]) -> Te
     return sum((targets[name] - sums[name]).square().sum() for name in targets) / n_params
 
 
-def importance_minimality_loss(ci_upper: dict[Hashable, Float[Tensor, "n C"]], p: float, eps: float) -> Tensor:
+def importance_minimality_loss(
+    ci_upper: dict[Hashable, Float[Tensor, "n C"]], p: float, eps: float, beta: float = 0.0
+) -> Tensor:
     """``sum_sites sum_c mean_n (g_upper[n, c] + eps)^p``: summed over subcomponents and weight uses,
-    averaged over data points (not over layers, as the reference)."""
-    return sum((g + eps).pow(p).sum(-1).mean() for g in ci_upper.values())
+    averaged over data points (not over layers, as the reference).
+
+    With ``beta > 0`` each subcomponent's mean is multiplied by ``1 + beta log2(1 + s_c)``, ``s_c`` its
+    sum over the batch's data points (all ranks' of a distributed run, estimated as this rank's times
+    the number of ranks): the reference's later frequency term, which makes a subcomponent that is on
+    for many data points cost more than two that share them."""
+    total = 0
+    for g in ci_upper.values():
+        powered = (g + eps).pow(p)
+        if beta == 0:
+            total = total + powered.sum(-1).mean()
+            continue
+        sums = powered.sum(0)
+        means = sums / g.shape[0]
+        total = total + (means * (1 + beta * torch.log2(1 + sums * world_size()))).sum()
+    return total
 
 
 def _uniform(shape: tuple[int, ...], like: Tensor, generator: torch.Generator | None) -> Tensor:
@@ -52,6 +68,18 @@ def stochastic_masks(
             r = (r < 0.5).to(g.dtype)
         masks[key] = g + (1 - g) * r
     return masks
+
+
+def subset_routes(
+    names: list[Hashable], n_points: int, like: Tensor, generator: torch.Generator | None = None
+) -> dict[Hashable, Bool[Tensor, " n"]]:
+    """Uniform-k subset routing (the reference's ``uniform_k_subset``): per data point, k uniform in
+    1..len(names) and a uniformly random k-subset of ``names`` is routed to its subcomponents (True);
+    the other weights keep the target's own."""
+    n_names = len(names)
+    k = (_uniform((n_points,), like, generator) * n_names).floor().clamp(max=n_names - 1) + 1
+    ranks = _uniform((n_points, n_names), like, generator).argsort(-1).argsort(-1)
+    return {name: ranks[:, i] < k for i, name in enumerate(names)}
 
 
 def delta_masks(
