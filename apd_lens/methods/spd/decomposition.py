@@ -148,14 +148,14 @@ class SPDDecomposition(DecompositionBase):
         delta_mask: Mapping[UseKey, Tensor] | None,
         others_at_target: bool,
         route: Mapping[str, Tensor] | None = None,
+        targets: Mapping[str, Tensor] | None = None,
     ) -> Replacement:
         """The engine's replacement for a masked pass. Sites in ``masks`` ([n, C] each) are masked;
         the others (all of them when ``masks`` is None) have every subcomponent on, or, with
         ``others_at_target``, keep the model's own weight. ``deltas`` (weight -> ``W - V U``): add
         the delta component, times ``delta_mask[site]`` ([n]) where given, else fully. ``route``
         (weight -> [n] bool): the data points where the weight is replaced; elsewhere it is the
-        target's own."""
-        targets = self.target_matrices() if route is not None else None
+        target's own (``targets``, weight -> matrix, as :meth:`target_matrices` gives them)."""
 
         def replace(key: UseKey, enter: Tensor, leave: Tensor, batch_shape: tuple[int, ...]) -> Tensor | None:
             mask = None if masks is None else masks.get(key)
@@ -303,7 +303,7 @@ class SPDDecomposition(DecompositionBase):
             if cfg.stochastic_recon_subset_coeff > 0:
                 with section("subset_forward"):
                     route = subset_routes([s.name for s in self.specs], n_points, like, generator)
-                    rec = self.hooked_pass(x, replace=self._replacement(masks, deltas, dmasks, False, route))
+                    rec = self.hooked_pass(x, replace=self._replacement(masks, deltas, dmasks, False, route, targets))
                     subset.append(output_loss(rec.output, target_out, cfg.output_loss))
             if cfg.stochastic_recon_layerwise_coeff > 0:
                 with section("layerwise_forward"):

@@ -34,13 +34,9 @@ def importance_minimality_loss(
     for many data points cost more than two that share them."""
     total = 0
     for g in ci_upper.values():
-        powered = (g + eps).pow(p)
-        if beta == 0:
-            total = total + powered.sum(-1).mean()
-            continue
-        sums = powered.sum(0)
-        means = sums / g.shape[0]
-        total = total + (means * (1 + beta * torch.log2(1 + sums * world_size()))).sum()
+        sums = (g + eps).pow(p).sum(0)
+        weights = 1 + beta * torch.log2(1 + sums * world_size()) if beta else 1
+        total = total + (sums * weights).sum() / g.shape[0]
     return total
 
 
