@@ -104,6 +104,16 @@ def test_spd_resid_mlp_analysis_matches_loops(small_decomposition, tmp_path):
         if all(ci[f"blocks.{layer}.mlp.W_out"][i, c] >= 0.5 for i in range(F))
     ]
     assert report.wout_coactive == coactive
+    on_counts, shares = [], []
+    for i in range(F):
+        on_counts.append(sum(int(ci[f"blocks.{lay}.mlp.W_out"][i, c] >= 0.5) for lay in range(L) for c in range(C)))
+    for lay in range(L):
+        for c in range(C):
+            column = [ci[f"blocks.{lay}.mlp.W_out"][i, c].item() for i in range(F)]
+            if max(column) > 0.1:
+                shares.append(sum(v >= 0.5 for v in column) / F)
+    assert shares and report.wout_on_per_feature == pytest.approx(sum(on_counts) / F)
+    assert report.wout_feature_share.tolist() == pytest.approx(shares)
     for layer in range(L):
         site = f"blocks.{layer}.mlp.W_out"
         sub = d.subcomponents[site]

@@ -345,6 +345,60 @@ def test_subset_recon_matches_loops(kind, monkeypatch):
     torch.testing.assert_close(terms["total"], want_total)
 
 
+@pytest.mark.parametrize("kind", ["tms", "mlp"])
+@pytest.mark.parametrize("scope", ["shared", "per_point"])
+def test_pgd_recon_matches_loops(kind, scope, monkeypatch):
+    """pgd_recon: from the step's initial sources, 3 signed-gradient ascent steps (clipped to [0, 1]) on
+    the MSE of the per-example masked model (masks g + (1 - g) s, delta times its source), then its MSE."""
+    steps, size = 3, 0.3
+    dec, x = make(kind, pgd_recon_coeff=0.7, pgd_steps=steps, pgd_step_size=size, pgd_scope=scope)
+    init_rec = Recorder(spd_module.pgd_sources)
+    monkeypatch.setattr(spd_module, "pgd_sources", init_rec)
+    terms = dec.losses(x, torch.Generator().manual_seed(4))
+    (sources,) = init_rec.calls
+    n = x.shape[0]
+    rows = 1 if scope == "shared" else n
+    src = {(part, dec.sites[dec.site_keys.index(k)]): s.clone() for (part, k), s in sources.items()}
+    assert {s.shape[0] for s in src.values()} == {rows}
+    assert all(bool(((s >= 0) & (s <= 1)).all()) for s in src.values())
+    lower, _ = ci_by_loops(dec, x)
+    target_out = dec.model(x).detach()
+
+    def mse(src):
+        masks = {site: lower[site] + (1 - lower[site]) * src[("ci", site)].expand(n, -1) for site in dec.sites}
+        deltas = {site: src[("delta", site)].expand(n) for site in dec.sites}
+        return (masked_outputs(dec, x, kind, masks, deltas, lambda n, site: True) - target_out).square().mean()
+
+    start = mse(src)
+    for _ in range(steps):
+        leaves = {k: v.detach().requires_grad_(True) for k, v in src.items()}
+        grads = torch.autograd.grad(mse(leaves), list(leaves.values()))
+        src = {k: (leaves[k].detach() + size * g.sign()).clamp(0, 1) for k, g in zip(leaves, grads, strict=True)}
+    want = mse(src)
+    torch.testing.assert_close(terms["pgd_recon"], want, rtol=1e-6, atol=0)
+    assert want > start  # the ascent found worse masks than its starting point
+    want_total = (
+        terms["faithfulness"]
+        + terms["stochastic_recon"]
+        + terms["stochastic_recon_layerwise"]
+        + 0.7 * terms["pgd_recon"]
+        + dec.config.importance_minimality_coeff * terms["importance_minimality"]
+    )
+    torch.testing.assert_close(terms["total"], want_total)
+
+
+def test_pgd_sources_at_ones_give_the_target_and_at_zeros_the_ci_masked_model():
+    """No ascent steps: sources 1 mean every subcomponent and the delta fully on (the target's output
+    exactly); sources 0 mean the CI as masks and no delta."""
+    dec, x = make("mlp", pgd_recon_coeff=1.0, pgd_steps=0, pgd_init="ones")
+    assert float(dec.losses(x)["pgd_recon"].detach()) < 1e-24
+    dec, x = make("mlp", pgd_recon_coeff=1.0, pgd_steps=0, pgd_init="zeros")
+    lower, _ = ci_by_loops(dec, x)
+    zeros = {site: torch.zeros(x.shape[0]) for site in dec.sites}
+    want = (masked_outputs(dec, x, "mlp", lower, zeros, lambda n, site: True) - dec.model(x)).square().mean()
+    torch.testing.assert_close(dec.losses(x)["pgd_recon"], want, rtol=1e-6, atol=0)
+
+
 def test_subset_routes_draw_uniform_subset_sizes():
     """k is uniform on 1..n and, given k, every weight is equally likely to be in the subset."""
     names = ["a", "b", "c", "d"]

@@ -87,6 +87,13 @@ class SPDResidMLPReport:
     wout_coactive_rank: list[int]
     """Per layer, the rank of the sum of its co-active W_out subcomponents (singular values above
     1e-3 of the largest)."""
+    wout_on_per_feature: float
+    """Mean over features of the number of W_out subcomponents (all layers) with CI >= 0.5 on the
+    feature's ``+0.75 e_i``: about the number of neurons that matter per feature when W_out is split by
+    neuron, the number of neurons when one all-on component holds it."""
+    wout_feature_share: Float[Tensor, " n_alive"]
+    """Per W_out subcomponent alive on the probes (all layers), the fraction of features with CI >= 0.5
+    on their ``+0.75 e_i`` (1 for every member of an all-on component)."""
     wout_alive_rank: list[int]
     """Per layer, the rank of the sum of its W_out subcomponents with CI > 0.1 on some probe."""
     wout_neuron_aligned: list[int]
@@ -132,6 +139,8 @@ class SPDResidMLPReport:
             "features_not_own": [i for i, own in enumerate(self.ownership.own.tolist()) if not own],
             "wout_coactive": len(self.wout_coactive),
             "wout_coactive_rank": self.wout_coactive_rank,
+            "wout_on_per_feature": self.wout_on_per_feature,
+            "wout_feature_share_median_min_max": _median_min_max(self.wout_feature_share),
             "wout_alive_rank": self.wout_alive_rank,
             "wout_neuron_aligned": self.wout_neuron_aligned,
             "wout_aligned_neurons": self.wout_aligned_neurons,
@@ -159,7 +168,9 @@ class SPDResidMLPReport:
             f"W_out subcomponents on for every feature: {s['wout_coactive']} (rank of their sum per layer: "
             f"{s['wout_coactive_rank']}); W_out subcomponents on for some feature: rank of their sum per layer "
             f"{s['wout_alive_rank']}, {s['wout_neuron_aligned']} of them read one neuron each "
-            f"({s['wout_aligned_neurons']} distinct neurons)",
+            f"({s['wout_aligned_neurons']} distinct neurons); on per feature: {s['wout_on_per_feature']:.1f}; share of "
+            f"features each live one is on for (median, min, max): "
+            f"{[round(v, 2) for v in s['wout_feature_share_median_min_max']]}",
             f"alive subcomponents: {s['alive']}",
             f"CI L0 per site: { {k: round(v, 2) for k, v in s['ci_l0'].items()} }",
             f"neuron contributions, subcomponent vs target: slope {s['contribution_slope']:.3f} "
@@ -187,6 +198,12 @@ def _rank_of_sum(parts: Float[Tensor, "C d_in d_out"], chosen: Bool[Tensor, " C"
         return 0
     s = torch.linalg.svdvals(parts[chosen].sum(0))
     return int((s > rtol * s.max()).sum())
+
+
+def _median_min_max(values: Tensor) -> list[float]:
+    if values.numel() == 0:
+        return [0.0, 0.0, 0.0]
+    return [float(values.median()), float(values.min()), float(values.max())]
 
 
 def _not_own(features: list[int], shown: int = 10) -> str:
@@ -279,6 +296,8 @@ def analyse_spd_resid_mlp(
         },
         wout_coactive=wout_coactive,
         wout_coactive_rank=[_rank_of_sum(parts[s], m) for s, m in zip(out_sites, coactive_mask, strict=True)],
+        wout_on_per_feature=float((ci_out >= ON).sum(-1).float().mean()),
+        wout_feature_share=(ci_out >= ON).float().mean(0)[torch.cat(alive_out)],
         wout_alive_rank=[_rank_of_sum(parts[s], m) for s, m in zip(out_sites, alive_out, strict=True)],
         wout_neuron_aligned=aligned,
         wout_aligned_neurons=neurons,

@@ -126,7 +126,7 @@ def mean_over_ranks(values: dict[str, Tensor]) -> dict[str, float]:
 
 
 def sum_over_ranks(values: Tensor) -> Tensor:
-    """``values`` (a CPU tensor) summed over all ranks; itself when not distributed."""
+    """``values`` (on the process group's device) summed over all ranks; itself when not distributed."""
     if not is_distributed():
         return values
     summed = values.clone()

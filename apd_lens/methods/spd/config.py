@@ -10,11 +10,14 @@ from apd_lens.engine.config import OUTPUT_LOSSES, DecompositionConfig
 from apd_lens.methods.spd.causal_importance import CI_FN_KINDS
 
 SAMPLINGS = ("continuous", "binomial")
+PGD_INITS = ("random", "ones", "zeros")
+PGD_SCOPES = ("shared", "per_point")
 LOSS_COEFFS = (
     "faithfulness_coeff",
     "stochastic_recon_coeff",
     "stochastic_recon_layerwise_coeff",
     "stochastic_recon_subset_coeff",
+    "pgd_recon_coeff",
     "importance_minimality_coeff",
     "act_recon_coeff",
 )
@@ -54,6 +57,18 @@ class SPDConfig(DecompositionConfig):
     weight): the reference's ``StochasticReconSubsetLoss`` for language models. One pass where the
     layerwise term needs one per weight use, so with many weights set this > 0 and
     ``stochastic_recon_layerwise_coeff=0`` for a lean step."""
+    pgd_recon_coeff: float = 0.0
+    """Reconstruction with adversarial masks (the reference's ``PGDReconLoss``; 0: off): every weight
+    masked with ``m = g + (1 - g) s``, the sources ``s`` (and the delta component's weight) chosen by
+    ``pgd_steps`` signed-gradient ascent steps on the output distance, clipped to [0, 1]. Each step
+    costs one forward and backward more than the masked pass."""
+    pgd_steps: int = 1
+    pgd_step_size: float = 1.0
+    pgd_init: str = "random"
+    """Sources before the first ascent step: ``"random"`` U(0, 1), ``"ones"`` or ``"zeros"``."""
+    pgd_scope: str = "shared"
+    """``"shared"``: one source per subcomponent for the whole batch (all ranks of a distributed run;
+    the reference's ``shared_across_batch``); ``"per_point"``: one per data point and subcomponent."""
     importance_minimality_coeff: float = 1e-4
     importance_p: float = 2.0
     """p of the importance-minimality penalty ``sum |g_upper|^p``."""
@@ -100,6 +115,14 @@ class SPDConfig(DecompositionConfig):
         for name in LOSS_COEFFS:
             if not getattr(self, name) >= 0:
                 problems.append(f"{name} must be >= 0, got {getattr(self, name)}")
+        if isinstance(self.pgd_steps, bool) or not isinstance(self.pgd_steps, int) or self.pgd_steps < 0:
+            problems.append(f"pgd_steps must be an integer >= 0, got {self.pgd_steps!r}")
+        if not self.pgd_step_size > 0:
+            problems.append(f"pgd_step_size must be > 0, got {self.pgd_step_size}")
+        if self.pgd_init not in PGD_INITS:
+            problems.append(f"pgd_init must be one of {PGD_INITS}, got {self.pgd_init!r}")
+        if self.pgd_scope not in PGD_SCOPES:
+            problems.append(f"pgd_scope must be one of {PGD_SCOPES}, got {self.pgd_scope!r}")
         if not self.importance_p > 0:
             problems.append(f"importance_p must be > 0, got {self.importance_p}")
         if self.p_anneal_final is not None and not self.p_anneal_final > 0:

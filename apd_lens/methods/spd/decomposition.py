@@ -10,6 +10,7 @@ masks. One training step:
 3. ``S`` times: masks ``m = g + (1 - g) r``; one masked pass with every site masked (stochastic
    recon), one per site with only that site masked, the others at the target (layerwise), and,
    if asked, one with a random subset of the weights masked per data point (subset);
+   with PGD, masks ``g + (1 - g) s`` whose sources ``s`` are chosen adversarially;
    masked passes replace each leaving activation by ``((a V) ⊙ m) U (+ r_Δ a Δ) + bias`` with the
    entering activation ``a`` read live;
 4. faithfulness ``Σ ||W - V U||² / N`` and importance minimality ``Σ_sites Σ_c mean_n (g_upper + ε)^p``.
@@ -34,6 +35,8 @@ from apd_lens.methods.spd.losses import (
     delta_masks,
     faithfulness_loss,
     importance_minimality_loss,
+    pgd_ascent,
+    pgd_sources,
     stochastic_masks,
     subset_routes,
 )
@@ -311,6 +314,9 @@ class SPDDecomposition(DecompositionBase):
                         one = {key: masks[key]}
                         rec = self.hooked_pass(x, replace=self._replacement(one, deltas, dmasks, True))
                         layerwise.append(output_loss(rec.output, target_out, cfg.output_loss))
+        if cfg.pgd_recon_coeff > 0:
+            with section("pgd_forward"):
+                terms["pgd_recon"] = self._pgd_recon(x, ci, deltas, target_out, generator)
         with section("losses"):
             zero = terms["faithfulness"] * 0
             terms["stochastic_recon"] = torch.stack(recon).mean() if recon else zero
@@ -329,6 +335,8 @@ class SPDDecomposition(DecompositionBase):
             if cfg.stochastic_recon_subset_coeff > 0:
                 terms["stochastic_recon_subset"] = torch.stack(subset).mean()
                 total = total + cfg.stochastic_recon_subset_coeff * terms["stochastic_recon_subset"]
+            if cfg.pgd_recon_coeff > 0:
+                total = total + cfg.pgd_recon_coeff * terms["pgd_recon"]
             if cfg.act_recon_hooks:
                 terms["act_recon"] = torch.stack(act_recon).mean() if act_recon else zero
                 total = total + cfg.act_recon_coeff * terms["act_recon"]
@@ -337,6 +345,42 @@ class SPDDecomposition(DecompositionBase):
                 f"ci_l0/{site_name(k)}": (g.detach() > CI_L0_THRESHOLD).sum(-1).float().mean() for k, g in ci.items()
             }
         return terms
+
+    def _pgd_recon(
+        self,
+        x: Tensor,
+        ci: dict[UseKey, Tensor],
+        deltas: dict[str, Tensor] | None,
+        target_out: Tensor,
+        generator: torch.Generator | None,
+    ) -> Tensor:
+        """The output distance with every site masked by ``g + (1 - g) s`` (and each delta component
+        times its own source), after ``pgd_steps`` signed-gradient ascent steps on the sources
+        (with the CI and V, U held fixed); the returned distance has gradients to the CI and V, U."""
+        cfg = self.config
+        like = next(iter(ci.values()))
+        n_points = like.shape[0]
+        shared = cfg.pgd_scope == "shared"
+        rows = 1 if shared else n_points
+        shapes = {("ci", key): (rows, g.shape[1]) for key, g in ci.items()}
+        if deltas is not None:
+            shapes.update({("delta", key): (rows,) for key in self.site_keys})
+        sources = pgd_sources(shapes, cfg.pgd_init, like, generator, shared)
+
+        def distance(src, ci, deltas) -> Tensor:
+            masks = {key: g + (1 - g) * src[("ci", key)] for key, g in ci.items()}
+            dmasks = None if deltas is None else {key: src[("delta", key)].expand(n_points) for key in self.site_keys}
+            out = self.hooked_pass(x, replace=self._replacement(masks, deltas, dmasks, False)).output
+            return output_loss(out, target_out, cfg.output_loss)
+
+        fixed_ci = {key: g.detach() for key, g in ci.items()}
+        fixed_deltas = None if deltas is None else {name: d.detach() for name, d in deltas.items()}
+        for _ in range(cfg.pgd_steps):
+            leaves = {key: s.detach().requires_grad_(True) for key, s in sources.items()}
+            with torch.enable_grad():
+                grads = torch.autograd.grad(distance(leaves, fixed_ci, fixed_deltas), list(leaves.values()))
+            sources = pgd_ascent(sources, dict(zip(leaves, grads, strict=True)), cfg.pgd_step_size, shared)
+        return distance(sources, ci, deltas)
 
     def log_values(self, terms: dict[str, Tensor]) -> dict[str, Tensor]:
         """CI L0 per site (mean number of subcomponents with CI > 0.1 per data point) of the last step."""

@@ -13,7 +13,7 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
-from apd_lens.training.distributed import local_part, world_size
+from apd_lens.training.distributed import local_part, sum_over_ranks, world_size
 
 
 def faithfulness_loss(targets: dict[str, Tensor], sums: dict[str, Tensor]) -> Tensor:
@@ -40,15 +40,18 @@ def importance_minimality_loss(
     return total
 
 
+def _draw(shape: tuple[int, ...], like: Tensor, generator: torch.Generator | None) -> Tensor:
+    """U(0, 1) draws of ``shape`` (the same on every rank: their generators are in step)."""
+    if generator is None:
+        return torch.rand(shape, device=like.device, dtype=like.dtype)
+    return torch.rand(shape, generator=generator, dtype=like.dtype, device=generator.device).to(like.device)
+
+
 def _uniform(shape: tuple[int, ...], like: Tensor, generator: torch.Generator | None) -> Tensor:
     """U(0, 1) draws of ``shape`` for this rank's rows: drawn for the global batch of a distributed
     run (so that it means the same as one process) and cut to this rank's part."""
     n = world_size()
-    full = (shape[0] * n, *shape[1:])
-    if generator is None:
-        draws = torch.rand(full, device=like.device, dtype=like.dtype)
-    else:
-        draws = torch.rand(full, generator=generator, dtype=like.dtype, device=generator.device).to(like.device)
+    draws = _draw((shape[0] * n, *shape[1:]), like, generator)
     return local_part(draws, shape[0]) if n > 1 else draws
 
 
@@ -83,3 +86,36 @@ def delta_masks(
 ) -> dict[Hashable, Float[Tensor, " n"]]:
     """One U(0, 1) mask per data point for each use's delta component."""
     return {key: _uniform((n_points,), like, generator) for key in keys}
+
+
+def pgd_sources(
+    shapes: dict[Hashable, tuple[int, ...]],
+    init: str,
+    like: Tensor,
+    generator: torch.Generator | None = None,
+    shared: bool = False,
+) -> dict[Hashable, Tensor]:
+    """Adversarial mask sources before the first ascent step: U(0, 1) (``"random"``), ones or zeros.
+    ``shapes`` give this rank's rows; with ``shared`` (one row for the whole batch) every rank draws
+    the same."""
+    out = {}
+    for key, shape in shapes.items():
+        if init == "ones":
+            out[key] = torch.ones(shape, device=like.device, dtype=like.dtype)
+        elif init == "zeros":
+            out[key] = torch.zeros(shape, device=like.device, dtype=like.dtype)
+        else:
+            out[key] = _draw(shape, like, generator) if shared else _uniform(shape, like, generator)
+    return out
+
+
+def pgd_ascent(
+    sources: dict[Hashable, Tensor], grads: dict[Hashable, Tensor], step_size: float, shared: bool = False
+) -> dict[Hashable, Tensor]:
+    """One signed-gradient ascent step ``clip(s + step_size sign(grad), 0, 1)``; ``shared`` sources
+    step along the sign of the gradient summed over ranks."""
+    out = {}
+    for key, s in sources.items():
+        grad = sum_over_ranks(grads[key]) if shared else grads[key]
+        out[key] = (s.detach() + step_size * grad.sign()).clamp(0.0, 1.0)
+    return out
