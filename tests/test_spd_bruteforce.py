@@ -313,6 +313,20 @@ def test_every_loss_term_matches_loops(kind, samples, monkeypatch):
         assert bool((m >= g - 1e-12).all()) and bool((m <= 1).all())
 
 
+def assert_total_with(terms: dict, dec: SPDDecomposition, **extra: float) -> None:
+    """``total`` is the default-weighted terms (1 for faithfulness and both stochastic recons, the config's
+    importance coefficient) plus each of ``extra`` (term name -> its weight)."""
+    want = (
+        terms["faithfulness"]
+        + terms["stochastic_recon"]
+        + terms["stochastic_recon_layerwise"]
+        + dec.config.importance_minimality_coeff * terms["importance_minimality"]
+    )
+    for name, weight in extra.items():
+        want = want + weight * terms[name]
+    torch.testing.assert_close(terms["total"], want)
+
+
 @pytest.mark.parametrize("kind", ["tms", "mlp"])
 def test_subset_recon_matches_loops(kind, monkeypatch):
     """stochastic_recon_subset: per example, the weights its route picked at their masked weight (a tied
@@ -335,14 +349,7 @@ def test_subset_recon_matches_loops(kind, monkeypatch):
         assert set(route) == {s.name for s in dec.specs}
         assert int(sizes.min()) >= 1 and int(sizes.max()) <= len(route)
     torch.testing.assert_close(terms["stochastic_recon_subset"], sum(losses) / len(losses), rtol=1e-6, atol=0)
-    want_total = (
-        terms["faithfulness"]
-        + terms["stochastic_recon"]
-        + terms["stochastic_recon_layerwise"]
-        + 0.5 * terms["stochastic_recon_subset"]
-        + dec.config.importance_minimality_coeff * terms["importance_minimality"]
-    )
-    torch.testing.assert_close(terms["total"], want_total)
+    assert_total_with(terms, dec, stochastic_recon_subset=0.5)
 
 
 @pytest.mark.parametrize("kind", ["tms", "mlp"])
@@ -377,14 +384,7 @@ def test_pgd_recon_matches_loops(kind, scope, monkeypatch):
     want = mse(src)
     torch.testing.assert_close(terms["pgd_recon"], want, rtol=1e-6, atol=0)
     assert want > start  # the ascent found worse masks than its starting point
-    want_total = (
-        terms["faithfulness"]
-        + terms["stochastic_recon"]
-        + terms["stochastic_recon_layerwise"]
-        + 0.7 * terms["pgd_recon"]
-        + dec.config.importance_minimality_coeff * terms["importance_minimality"]
-    )
-    torch.testing.assert_close(terms["total"], want_total)
+    assert_total_with(terms, dec, pgd_recon=0.7)
 
 
 def test_pgd_sources_at_ones_give_the_target_and_at_zeros_the_ci_masked_model():
