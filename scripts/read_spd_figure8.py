@@ -57,6 +57,8 @@ def heat_map_boxes(image: np.ndarray) -> list[tuple[int, int, int, int]]:
     inside each half of the frame."""
     blue = (image[..., 2] > 0.4) & (image[..., 0] < 0.2) & (image[..., 1] < 0.2)
     ys, xs = np.nonzero(blue)
+    if len(xs) == 0:
+        raise SystemExit("no blue frame in this image: give the SPD paper's figure 8 PNG (see the docstring)")
     x0, x1 = xs.min(), xs.max()
     frame_rows = np.nonzero(blue[:, x0 : x1 + 1].sum(1) > 0.4 * (x1 - x0))[0]
     zero = matplotlib.colormaps["Reds"](0.0)[:3]

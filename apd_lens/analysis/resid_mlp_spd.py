@@ -264,7 +264,8 @@ def analyse_spd_resid_mlp(
     top_ci_neg, top_neg = ci_in[:, F:].max(-1)
 
     ci_out = torch.cat([ci[s][:F] for s in out_sites], dim=-1)  # [F, L*C]
-    coactive = torch.nonzero((ci_out >= ON).all(0)).flatten().tolist()
+    on_out = ci_out >= ON  # [F, L*C]
+    coactive = torch.nonzero(on_out.all(0)).flatten().tolist()
     wout_coactive = [(c // n_C, c % n_C) for c in coactive]
     parts = decomposition.subcomponent_weights()
     alive_out = [(ci[s][:F] > OFF).any(0) for s in out_sites]
@@ -296,8 +297,8 @@ def analyse_spd_resid_mlp(
         },
         wout_coactive=wout_coactive,
         wout_coactive_rank=[_rank_of_sum(parts[s], m) for s, m in zip(out_sites, coactive_mask, strict=True)],
-        wout_on_per_feature=float((ci_out >= ON).sum(-1).float().mean()),
-        wout_feature_share=(ci_out >= ON).float().mean(0)[torch.cat(alive_out)],
+        wout_on_per_feature=float(on_out.sum(-1).float().mean()),
+        wout_feature_share=on_out.float().mean(0)[torch.cat(alive_out)],
         wout_alive_rank=[_rank_of_sum(parts[s], m) for s, m in zip(out_sites, alive_out, strict=True)],
         wout_neuron_aligned=aligned,
         wout_aligned_neurons=neurons,

@@ -35,6 +35,7 @@ from apd_lens.methods.spd.losses import (
     delta_masks,
     faithfulness_loss,
     importance_minimality_loss,
+    masks_from_sources,
     pgd_ascent,
     pgd_sources,
     stochastic_masks,
@@ -368,7 +369,7 @@ class SPDDecomposition(DecompositionBase):
         sources = pgd_sources(shapes, cfg.pgd_init, like, generator, shared)
 
         def distance(src, ci, deltas) -> Tensor:
-            masks = {key: g + (1 - g) * src[("ci", key)] for key, g in ci.items()}
+            masks = masks_from_sources(ci, {key: src[("ci", key)] for key in ci})
             dmasks = None if deltas is None else {key: src[("delta", key)].expand(n_points) for key in self.site_keys}
             out = self.hooked_pass(x, replace=self._replacement(masks, deltas, dmasks, False)).output
             return output_loss(out, target_out, cfg.output_loss)

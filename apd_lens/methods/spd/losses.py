@@ -60,13 +60,19 @@ def stochastic_masks(
 ) -> dict[Hashable, Float[Tensor, "n C"]]:
     """``m = g + (1 - g) r`` per data point and subcomponent, ``r`` ~ U(0, 1) (``"continuous"``) or
     Bernoulli(1/2) (``"binomial"``)."""
-    masks = {}
+    sources = {}
     for key, g in ci.items():
         r = _uniform(tuple(g.shape), g, generator)
-        if sampling == "binomial":
-            r = (r < 0.5).to(g.dtype)
-        masks[key] = g + (1 - g) * r
-    return masks
+        sources[key] = (r < 0.5).to(g.dtype) if sampling == "binomial" else r
+    return masks_from_sources(ci, sources)
+
+
+def masks_from_sources(
+    ci: dict[Hashable, Float[Tensor, "n C"]], sources: dict[Hashable, Tensor]
+) -> dict[Hashable, Float[Tensor, "n C"]]:
+    """``m = g + (1 - g) s`` per site: the masks of causal importances ``g`` and sources ``s`` in [0, 1]
+    (random draws, or adversarial ones for PGD; a source row of 1 broadcasts over the data points)."""
+    return {key: g + (1 - g) * sources[key] for key, g in ci.items()}
 
 
 def subset_routes(
