@@ -56,11 +56,14 @@ def heat_map_boxes(image: np.ndarray) -> list[tuple[int, int, int, int]]:
     """The pixel boxes of the two heat maps in the blue frame: the extent of the colour map's 0 colour
     inside each half of the frame."""
     blue = (image[..., 2] > 0.4) & (image[..., 0] < 0.2) & (image[..., 1] < 0.2)
+    no_frame = "no blue-framed panel in this image: give the SPD paper's figure 8 PNG (see the docstring)"
     ys, xs = np.nonzero(blue)
     if len(xs) == 0:
-        raise SystemExit("no blue frame in this image: give the SPD paper's figure 8 PNG (see the docstring)")
+        raise SystemExit(no_frame)
     x0, x1 = xs.min(), xs.max()
     frame_rows = np.nonzero(blue[:, x0 : x1 + 1].sum(1) > 0.4 * (x1 - x0))[0]
+    if len(frame_rows) < 2:
+        raise SystemExit(no_frame)
     zero = matplotlib.colormaps["Reds"](0.0)[:3]
     boxes = []
     middle = (frame_rows.min() + frame_rows.max()) // 2
