@@ -231,15 +231,18 @@ def fact_lookup_apd_config(task: FactLookupTask, **changes) -> APDConfig:
 def fact_lookup_spd_config(task: FactLookupTask, **changes) -> SPDConfig:
     """SPD settings for the fact-lookup model's MLP (``blocks.0.mlp.W_in`` and ``W_out``): KL output
     distance, tokens as data points, C per matrix 8 per fact plus 8 (200 for 24 facts), binomial masks, CI
-    functions that read the whole input (``vector_mlp``), importance 1e-3 with p 1, lr 3e-3 cosine, 20k steps.
-    On the 24-fact targets of seeds 0 / 1: 24 / 22 facts with their own subcomponent (at lr 2e-3: 22 / 18; the
-    paper's per-subcomponent ``mlp``: 17 / 14; that with C 64 and continuous masks: 13 / 6; docs/results.md)."""
+    functions that read the whole input (``vector_mlp``), importance 1e-3 with p 1 and the reference's frequency
+    term (``importance_beta`` 0.1: a subcomponent on for two facts costs more than two on for one each), lr 3e-3
+    cosine, 20k steps. On the 24-fact targets of seeds 0 / 1 / 2: 24 / 23 / 22 facts with their own subcomponent
+    (without the frequency term: 24 / 22 / 17; at lr 2e-3: 22 / 18; the paper's per-subcomponent ``mlp``: 17 / 14;
+    that with C 64 and continuous masks: 13 / 6; docs/results.md)."""
     base = dict(
         lr=3e-3,
         n_subcomponents=8 * task.n_facts + 8,
         sampling="binomial",
         importance_minimality_coeff=1e-3,
         importance_p=1.0,
+        importance_beta=0.1,
         ci_fn="vector_mlp",
         ci_hidden=16,
         steps=20_000,
