@@ -155,7 +155,10 @@ def main() -> None:
     args = parser.parse_args()
     image = matplotlib.image.imread(args.png)[..., :3]
     blue = (image[..., 2] > 0.4) & (image[..., 0] < 0.2) & (image[..., 1] < 0.2)
-    read_figure8(image) if blue.any() else read_figure12(image, args.features)
+    if blue.any():  # figure 8 frames its best panel in blue
+        read_figure8(image)
+    else:
+        read_figure12(image, args.features)
 
 
 if __name__ == "__main__":
