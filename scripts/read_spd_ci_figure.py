@@ -21,19 +21,36 @@ Each cell is sampled at its centre and mapped back to the nearest colour of the 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import matplotlib
 import matplotlib.image
 import numpy as np
 
-ON, OFF = 0.5, 0.1
+from apd_lens.analysis.resid_mlp_spd import OFF, ON
+
+
+def blue_frame(image: np.ndarray) -> np.ndarray:
+    """Pixels of the blue frame figure 8 draws around its best panel."""
+    return (image[..., 2] > 0.4) & (image[..., 0] < 0.2) & (image[..., 1] < 0.2)
+
+
+def zero_coloured(image: np.ndarray) -> np.ndarray:
+    """Pixels of the colour map's 0 colour (a heat map's empty cells)."""
+    return np.abs(image - np.array(matplotlib.colormaps["Reds"](0.0)[:3])).sum(-1) < 0.02
+
+
+def dark_pixels(image: np.ndarray, box: tuple[int, int, int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, columns), relative to ``box``, of the pixels dark enough to be cells near CI 1."""
+    top, bottom, left, right = box
+    return np.nonzero(image[top : bottom + 1, left : right + 1].sum(-1) < 1.0)
 
 
 def diagonal_cells(image: np.ndarray, box: tuple[int, int, int, int]) -> tuple[np.ndarray, np.ndarray]:
     """Row and column centres (pixels relative to ``box``) of the cells of a heat map with a full diagonal:
     the steps of the dark pixels' mean column per row (and mean row per column) are the cell boundaries."""
     top, bottom, left, right = box
-    ys, xs = np.nonzero(image[top : bottom + 1, left : right + 1].sum(-1) < 1.0)
+    ys, xs = dark_pixels(image, box)
     centres = []
     for along, across in ((ys, xs), (xs, ys)):
         keys = np.unique(along)
@@ -62,7 +79,7 @@ def read_grid(image: np.ndarray, top: int, left: int, rows: np.ndarray, cols: np
 def heat_map_boxes(image: np.ndarray) -> list[tuple[int, int, int, int]]:
     """The pixel boxes of the two heat maps in the blue frame: the extent of the colour map's 0 colour
     inside each half of the frame."""
-    blue = (image[..., 2] > 0.4) & (image[..., 0] < 0.2) & (image[..., 1] < 0.2)
+    blue = blue_frame(image)
     no_frame = "no blue-framed panel in this image: give the SPD paper's figure 8 PNG (see the docstring)"
     ys, xs = np.nonzero(blue)
     if len(xs) == 0:
@@ -71,12 +88,11 @@ def heat_map_boxes(image: np.ndarray) -> list[tuple[int, int, int, int]]:
     frame_rows = np.nonzero(blue[:, x0 : x1 + 1].sum(1) > 0.4 * (x1 - x0))[0]
     if len(frame_rows) < 2:
         raise SystemExit(no_frame)
-    zero = matplotlib.colormaps["Reds"](0.0)[:3]
+    zero = zero_coloured(image)
     boxes = []
     middle = (frame_rows.min() + frame_rows.max()) // 2
     for y0, y1 in ((frame_rows.min(), middle), (middle, frame_rows.max())):
-        region = np.abs(image[y0:y1, x0:x1] - zero).sum(-1) < 0.02
-        ry, rx = np.nonzero(region)
+        ry, rx = np.nonzero(zero[y0:y1, x0:x1])
         boxes.append((ry.min() + y0, ry.max() + y0, rx.min() + x0, rx.max() + x0))
     return boxes
 
@@ -84,7 +100,7 @@ def heat_map_boxes(image: np.ndarray) -> list[tuple[int, int, int, int]]:
 def stacked_heat_map_boxes(image: np.ndarray) -> list[tuple[int, int, int, int]]:
     """The pixel boxes (top, bottom, left, right) of heat maps stacked one above the other: the runs of rows
     mostly of the colour map's 0 colour, and in each the columns where that colour fills most rows."""
-    zero = np.abs(image - np.array(matplotlib.colormaps["Reds"](0.0)[:3])).sum(-1) < 0.02
+    zero = zero_coloured(image)
     in_map = np.concatenate([[False], zero.sum(1) > 0.3 * image.shape[1], [False]])
     starts = np.nonzero(~in_map[:-1] & in_map[1:])[0]
     ends = np.nonzero(in_map[:-1] & ~in_map[1:])[0] - 1
@@ -131,7 +147,7 @@ def read_figure12(image: np.ndarray, n_features: int) -> None:
     if len(boxes) != 4:
         raise SystemExit(f"expected 4 stacked heat maps (W_in, W_out of 2 layers), found {len(boxes)}")
     top, bottom, left, right = boxes[0]
-    ys, xs = np.nonzero(image[top : bottom + 1, left : right + 1].sum(-1) < 1.0)  # W_in's diagonal
+    ys, xs = dark_pixels(image, boxes[0])  # W_in's diagonal
     slope, intercept = np.polyfit(ys, xs, 1)
     inset = -intercept / (1 - slope)  # the axes' spines hide this many pixels of the map on each side
     height, width = bottom - top + 1 + 2 * inset, right - left + 1 + 2 * inset
@@ -153,9 +169,12 @@ def main() -> None:
     parser.add_argument("png")
     parser.add_argument("--features", type=int, default=100, help="rows of each heat map (figure 12)")
     args = parser.parse_args()
+    if args.features < 2:
+        parser.error(f"--features must be >= 2, got {args.features}")
+    if not Path(args.png).is_file():
+        parser.error(f"no such file: {args.png}")
     image = matplotlib.image.imread(args.png)[..., :3]
-    blue = (image[..., 2] > 0.4) & (image[..., 0] < 0.2) & (image[..., 1] < 0.2)
-    if blue.any():  # figure 8 frames its best panel in blue
+    if blue_frame(image).any():  # figure 8 frames its best panel in blue
         read_figure8(image)
     else:
         read_figure12(image, args.features)
