@@ -234,8 +234,8 @@ def fact_lookup_spd_config(task: FactLookupTask, **changes) -> SPDConfig:
     functions that read the whole input (``vector_mlp``), importance 1e-3 with p 1 and the reference's frequency
     term (``importance_beta`` 0.1: a subcomponent on for two facts costs more than two on for one each), lr 3e-3
     cosine, 20k steps. On the 24-fact targets of seeds 0-4: 24 / 23 / 22 / 13 / 17 facts with their own subcomponent
-    (without the frequency term: 24 / 22 / 17; at lr 2e-3: 22 / 18; the paper's per-subcomponent ``mlp``: 17 / 14;
-    that with C 64 and continuous masks: 13 / 6; docs/results.md)."""
+    (30k steps: 24 / 24 / 21 / 19 / 18; without the frequency term: 24 / 22 / 17; at lr 2e-3: 22 / 18; the paper's
+    per-subcomponent ``mlp``: 17 / 14; that with C 64 and continuous masks: 13 / 6; docs/results.md)."""
     base = dict(
         lr=3e-3,
         n_subcomponents=8 * task.n_facts + 8,
