@@ -12,7 +12,8 @@ the residual MLP (``--preset paper``: the paper's settings), writes figures and 
 Everything goes to ``--out/<method>_<L>L_seed<S>[_paper]/``: the target (``target/``), checkpoints every
 ``--checkpoint-every`` steps, the saved decomposition and the report. Rerunning the same command
 continues an interrupted run from its newest checkpoint, or analyses the finished one again; that
-folder is also what ``apd-lens report`` reads.
+folder is also what ``apd-lens report`` reads. ``--at-checkpoint`` analyses an unfinished run as it stands at
+its newest checkpoint (figures and summary in ``<run>/step_<N>/``) without continuing it.
 """
 
 from __future__ import annotations
@@ -49,6 +50,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--n-eval", type=int, default=100, help="evaluation samples per feature")
     parser.add_argument("--checkpoint-every", type=int, default=1000)
+    parser.add_argument(
+        "--at-checkpoint", action="store_true", help="analyse the run at its newest checkpoint; do not continue it"
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--out", type=Path, default=Path("runs/resid_mlp"))
     parser.add_argument("--no-progress", action="store_true")
@@ -105,6 +109,15 @@ def decomposition_for(model, args: argparse.Namespace, run_dir: Path):
         return decomposition, json.loads(timing_file.read_text())["seconds"]
     resume = latest_checkpoint(run_dir) if run_dir.is_dir() else None
     earlier = json.loads(timing_file.read_text())["seconds"] if timing_file.is_file() else 0.0
+    if args.at_checkpoint:
+        if resume is None:
+            raise SystemExit(f"--at-checkpoint: {run_dir} holds no checkpoint (nor a finished run)")
+        decomposition = apd_lens.load(resume, model)
+        differ = _differences(decomposition.config, config)
+        if differ:
+            raise SystemExit(f"{resume} is a run with other settings ({differ}); use another --out")
+        print(f"the run as it stands at {resume} (not continued)")
+        return decomposition, earlier
     data = ResidMLPData(model.n_features, config.batch_size, seed=args.seed + 1000)
     if resume is not None:
         print(f"continuing from {resume}")
@@ -152,10 +165,16 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(args.threads)
     tag = f"{args.method}_{args.layers}L_seed{args.seed}" + ("_paper" if args.preset == "paper" else "")
     run_dir = args.out / tag
+    if args.at_checkpoint and not (run_dir / "target" / "target.json").is_file():
+        raise SystemExit(f"--at-checkpoint: {run_dir} holds no run")
     model, target_seconds = target(args, run_dir / "target")
     decomposition, seconds = decomposition_for(model, args, run_dir)
+    out = run_dir
+    if args.at_checkpoint and not (run_dir / "cfg.json").is_file():
+        out = run_dir / latest_checkpoint(run_dir).stem  # e.g. step_000002500
+        out.mkdir(exist_ok=True)
     start = time.perf_counter()
-    report = analyse(decomposition, args, run_dir, tag)
+    report = analyse(decomposition, args, out, tag)
     summary = report.summary()
     summary.update(
         {
@@ -164,7 +183,7 @@ def main(argv: list[str] | None = None) -> dict:
             "config": decomposition.config.to_dict(),
         }
     )
-    (run_dir / f"{tag}.json").write_text(json.dumps(summary, indent=2, default=str))
+    (out / f"{tag}.json").write_text(json.dumps(summary, indent=2, default=str))
     final = decomposition.loss_history[-1] if decomposition.loss_history else {}
     print(f"timings: target {target_seconds:.1f}s, decomposition {seconds:.1f}s ({decomposition.config.steps} steps)")
     print("final losses: " + " ".join(f"{k}={v:.3g}" for k, v in final.items() if k not in ("step", "lr")))

@@ -178,3 +178,34 @@ def test_component_weights_and_active_components():
     # batch top-k: the int(k * n) largest (point, component) scores of the whole batch
     threshold = attributions.flatten().sort(descending=True).values[int(2.0 * 16) - 1]
     assert torch.equal(active, attributions >= threshold)
+
+
+@pytest.mark.parametrize("method", ["apd", "spd"])
+def test_a_checkpoint_loads_as_the_decomposition_at_its_step(tmp_path, method):
+    """``apd_lens.load(<checkpoint file>)`` gives what a run stopped at that step gives: with a constant
+    learning rate, a 3-step run is the first 3 steps of a 6-step one."""
+    if method == "apd":
+        config = small_config(n_components=5, attribution_source="components", lr_schedule="constant")
+    else:
+        config = apd_lens.SPDConfig(n_subcomponents=6, batch_size=32, lr_schedule="constant", progress=False)
+    run = tmp_path / "run"
+    apd_lens.decompose(
+        TMS(5, 2, seed=0), TMSData(5, 32, p=0.3, seed=1), config.replace(steps=6), run_dir=run, checkpoint_every=3
+    )
+    short = apd_lens.decompose(TMS(5, 2, seed=0), TMSData(5, 32, p=0.3, seed=1), config.replace(steps=3))
+    middle = run / "checkpoints" / "step_000000003.ckpt"
+    loaded = apd_lens.load(middle, TMS(5, 2, seed=0))
+    assert type(loaded) is type(short) and loaded.config.steps == 6
+    mine, theirs = loaded.state_tensors(), short.state_tensors()
+    assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
+    assert loaded.loss_history and all(row["step"] < 3 for row in loaded.loss_history)
+    final = apd_lens.load(run / "checkpoints" / "step_000000006.ckpt", TMS(5, 2, seed=0))
+    assert not torch.equal(final.state_tensors()[next(iter(mine))], mine[next(iter(mine))])
+
+    with pytest.raises(ValueError, match=r"the checkpoint .*step_000000003.ckpt does not fit"):
+        apd_lens.load(middle, TMS(5, 2, seed=1))
+    apd_lens.load(middle, TMS(5, 2, seed=1), check_values=False)
+    # a run that has not finished points at its newest checkpoint
+    (run / "cfg.json").unlink()
+    with pytest.raises(FileNotFoundError, match=r"no finished decomposition .*step_000000006.ckpt"):
+        apd_lens.load(run, TMS(5, 2, seed=0))

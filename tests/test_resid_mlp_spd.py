@@ -191,6 +191,16 @@ def test_example_reruns_continue_from_the_newest_checkpoint(tmp_path, capsys):
     shutil.copytree(whole, broken)
     for name in ("cfg.json", "components.safetensors", "checkpoints/step_000000006.ckpt"):
         (broken / name).unlink()
+    # looked at as it stands, the interrupted run is analysed at its checkpoint and not continued
+    _run_example([*common, "6", "--out", str(tmp_path / "broken"), "--at-checkpoint"])
+    out = capsys.readouterr().out
+    assert "as it stands at" in out and "step_000000003.ckpt" in out
+    assert out.strip().splitlines()[-1].startswith("FEATURES_OWN=")
+    summary = json.loads((broken / "step_000000003" / "spd_1L_seed0.json").read_text())
+    assert summary["config"]["steps"] == 6
+    assert not (broken / "cfg.json").exists() and not (broken / "checkpoints/step_000000006.ckpt").exists()
+    with pytest.raises(SystemExit, match="holds no run"):
+        _run_example([*common, "6", "--out", str(tmp_path / "nowhere"), "--at-checkpoint"])
     _run_example([*common, "6", "--out", str(tmp_path / "broken")])
     assert "continuing from" in capsys.readouterr().out
     a, b = read_tensors(whole / "components.safetensors"), read_tensors(broken / "components.safetensors")
