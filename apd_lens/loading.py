@@ -7,10 +7,9 @@ from pathlib import Path
 from torch import nn
 
 from apd_lens.engine.base import DecompositionBase
-from apd_lens.engine.spec import WeightSpec
-from apd_lens.io import CONFIG_FILE, check_target, read_cfg, saved_method
+from apd_lens.io import CONFIG_FILE, read_cfg, saved_method
 from apd_lens.methods import get_method
-from apd_lens.training.checkpoint import latest_checkpoint, load_checkpoint
+from apd_lens.training.checkpoint import CHECKPOINT_SUFFIX, latest_checkpoint, load_checkpoint
 
 
 def load(path: str | Path, model: nn.Module, *, check_values: bool = True) -> DecompositionBase:
@@ -20,6 +19,11 @@ def load(path: str | Path, model: nn.Module, *, check_values: bool = True) -> De
     to look at a long run before it ends (:func:`load_checkpoint_decomposition`)."""
     path = Path(path)
     if path.is_file():
+        if path.suffix != CHECKPOINT_SUFFIX:
+            raise ValueError(
+                f"{path} is a file but not a checkpoint (*{CHECKPOINT_SUFFIX}); a saved decomposition is loaded "
+                f"from its folder: apd_lens.load('{path.parent}', model)"
+            )
         return load_checkpoint_decomposition(path, model, check_values=check_values)
     if path.is_dir() and not (path / CONFIG_FILE).is_file():
         newest = latest_checkpoint(path)
@@ -40,11 +44,6 @@ def load_checkpoint_decomposition(
     not for training on: to continue the run, pass the checkpoint as ``decompose(..., resume=path)``."""
     path = Path(path)
     ckpt = load_checkpoint(path)
-    method = get_method(saved_method(ckpt))
-    specs = [WeightSpec.from_dict(d) for d in ckpt["weights"]]
     saved = ckpt["target_matrices"] if check_values else None
-    check_target(f"the checkpoint {path}", model, specs, ckpt["target"], saved)
-    decomposition = method.decomposition_class(model, specs, method.config_class.from_dict(ckpt["config"]))
-    decomposition.load_state_tensors(ckpt["components"], str(path))
-    decomposition.loss_history = list(ckpt["loss_history"])
-    return decomposition
+    cls = get_method(saved_method(ckpt)).decomposition_class
+    return cls.from_record(ckpt, ckpt["components"], saved, model, f"the checkpoint {path}", path)

@@ -94,30 +94,25 @@ def config_for(model, args: argparse.Namespace):
 
 
 def decomposition_for(model, args: argparse.Namespace, run_dir: Path):
-    """Train (or continue, or load) the decomposition in ``run_dir``; returns it and its seconds of training."""
+    """Train (or continue, or load) the decomposition in ``run_dir``; returns it, its seconds of training and,
+    with ``--at-checkpoint`` on an unfinished run, the checkpoint it was read from (else None)."""
     from apd_lens.analysis.report import read_metrics
     from apd_lens.models.resid_mlp import ResidMLPData
 
     timing_file = run_dir / "decomposition_seconds.json"
     config = config_for(model, args)  # the same command continues the run; another config is refused
     if (run_dir / "cfg.json").is_file():  # finished earlier: analyse it again
-        decomposition = apd_lens.load(run_dir, model)
-        differ = _differences(decomposition.config, config)
-        if differ:
-            raise SystemExit(f"{run_dir} holds a finished run with other settings ({differ}); use another --out")
+        decomposition = _load_same_settings(run_dir, model, config, "a finished run")
         decomposition.loss_history = read_metrics(run_dir)
-        return decomposition, json.loads(timing_file.read_text())["seconds"]
+        return decomposition, json.loads(timing_file.read_text())["seconds"], None
     resume = latest_checkpoint(run_dir) if run_dir.is_dir() else None
     earlier = json.loads(timing_file.read_text())["seconds"] if timing_file.is_file() else 0.0
     if args.at_checkpoint:
         if resume is None:
             raise SystemExit(f"--at-checkpoint: {run_dir} holds no checkpoint (nor a finished run)")
-        decomposition = apd_lens.load(resume, model)
-        differ = _differences(decomposition.config, config)
-        if differ:
-            raise SystemExit(f"{resume} is a run with other settings ({differ}); use another --out")
+        decomposition = _load_same_settings(resume, model, config, "a checkpoint of a run")
         print(f"the run as it stands at {resume} (not continued)")
-        return decomposition, earlier
+        return decomposition, earlier, resume
     data = ResidMLPData(model.n_features, config.batch_size, seed=args.seed + 1000)
     if resume is not None:
         print(f"continuing from {resume}")
@@ -129,7 +124,16 @@ def decomposition_for(model, args: argparse.Namespace, run_dir: Path):
     finally:  # also on Ctrl-C, so that a continued run reports its whole time
         seconds = earlier + time.perf_counter() - start
         timing_file.write_text(json.dumps({"seconds": seconds}))
-    return decomposition, seconds
+    return decomposition, seconds, None
+
+
+def _load_same_settings(path: Path, model, config, what: str):
+    """The decomposition saved at ``path`` (a folder or a checkpoint); refused if made with other settings."""
+    decomposition = apd_lens.load(path, model)
+    differ = _differences(decomposition.config, config)
+    if differ:
+        raise SystemExit(f"{path} holds {what} with other settings ({differ}); use another --out")
+    return decomposition
 
 
 def _differences(saved, wanted) -> str:
@@ -168,11 +172,9 @@ def main(argv: list[str] | None = None) -> dict:
     if args.at_checkpoint and not (run_dir / "target" / "target.json").is_file():
         raise SystemExit(f"--at-checkpoint: {run_dir} holds no run")
     model, target_seconds = target(args, run_dir / "target")
-    decomposition, seconds = decomposition_for(model, args, run_dir)
-    out = run_dir
-    if args.at_checkpoint and not (run_dir / "cfg.json").is_file():
-        out = run_dir / latest_checkpoint(run_dir).stem  # e.g. step_000002500
-        out.mkdir(exist_ok=True)
+    decomposition, seconds, checkpoint = decomposition_for(model, args, run_dir)
+    out = run_dir if checkpoint is None else run_dir / checkpoint.stem  # e.g. step_000002500
+    out.mkdir(exist_ok=True)
     start = time.perf_counter()
     report = analyse(decomposition, args, out, tag)
     summary = report.summary()

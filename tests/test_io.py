@@ -209,3 +209,5 @@ def test_a_checkpoint_loads_as_the_decomposition_at_its_step(tmp_path, method):
     (run / "cfg.json").unlink()
     with pytest.raises(FileNotFoundError, match=r"no finished decomposition .*step_000000006.ckpt"):
         apd_lens.load(run, TMS(5, 2, seed=0))
+    with pytest.raises(ValueError, match=r"is a file but not a checkpoint .*apd_lens.load\('.*run'"):
+        apd_lens.load(run / "metrics.jsonl", TMS(5, 2, seed=0))

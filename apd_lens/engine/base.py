@@ -233,12 +233,26 @@ class DecompositionBase(HookedRootModule):
                 f"{path} holds an {method.upper()} decomposition, not {cls.method.upper()}: load it with "
                 f"apd_lens.load(path, model) (which reads the method from cfg.json)"
             )
-        config = cls.config_class.from_dict(cfg["config"])
-        specs = [WeightSpec.from_dict(d) for d in cfg["weights"]]
         tensors = read_tensors(path / COMPONENTS_FILE)
-        saved = {s.name: tensors.get(f"target.{s.name}") for s in specs} if check_values else None
-        check_target(f"the decomposition in {path}", model, specs, cfg["target"], saved)
-        decomposition = cls(model, specs, config)
-        decomposition.load_state_tensors(tensors, str(path / COMPONENTS_FILE))
-        decomposition.loss_history = list(cfg.get("loss_history", []))
+        saved = {d["name"]: tensors.get(f"target.{d['name']}") for d in cfg["weights"]} if check_values else None
+        return cls.from_record(cfg, tensors, saved, model, f"the decomposition in {path}", path / COMPONENTS_FILE)
+
+    @classmethod
+    def from_record(
+        cls,
+        record: dict[str, Any],
+        tensors: dict[str, Tensor],
+        saved_matrices: dict[str, Tensor] | None,
+        model: nn.Module,
+        what: str,
+        source: str | Path,
+    ):
+        """Rebuild a decomposition from a saved record (a ``cfg.json`` or a checkpoint: its ``config``,
+        ``weights``, ``target`` and ``loss_history``) and its trainable ``tensors``, on ``model``, after
+        checking that ``model`` is the target ``what`` was made of (values too, given ``saved_matrices``)."""
+        specs = [WeightSpec.from_dict(d) for d in record["weights"]]
+        check_target(what, model, specs, record["target"], saved_matrices)
+        decomposition = cls(model, specs, cls.config_class.from_dict(record["config"]))
+        decomposition.load_state_tensors(tensors, str(source))
+        decomposition.loss_history = list(record.get("loss_history", []))
         return decomposition

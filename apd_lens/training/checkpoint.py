@@ -23,6 +23,7 @@ from apd_lens.io import apd_lens_version, atomic_write_bytes
 
 MAGIC = b"APD-LENS-CHECKPOINT v1\n"
 _DIGEST_LEN = 64
+CHECKPOINT_SUFFIX = ".ckpt"
 _NAME = re.compile(r"^step_(\d+)\.ckpt$")
 CHECKPOINT_DIR = "checkpoints"
 
@@ -32,7 +33,7 @@ class CheckpointError(RuntimeError):
 
 
 def checkpoint_path(run_dir: str | Path, step: int) -> Path:
-    return Path(run_dir) / CHECKPOINT_DIR / f"step_{step:09d}.ckpt"
+    return Path(run_dir) / CHECKPOINT_DIR / f"step_{step:09d}{CHECKPOINT_SUFFIX}"
 
 
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
