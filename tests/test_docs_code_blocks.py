@@ -1,4 +1,4 @@
-"""The ```python blocks of README.md and docs/api.md run as written.
+"""The ```python blocks of README.md, docs/api.md and docs/design.md run as written.
 
 Design: every block is its own test and runs alone, in a fresh ``sys.executable -c`` subprocess whose
 working directory is an empty temporary directory, with ``PYTHONPATH`` set to the repository root and a
@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-DOCUMENTS = ("README.md", "docs/api.md")
+DOCUMENTS = ("README.md", "docs/api.md", "docs/design.md")
 TIMEOUT_S = 120
 NOT_RUN = re.compile(r"^<!--\s*not-run:\s*(?P<reason>.*?)\s*-->$")
 FENCE = re.compile(r"^```")
