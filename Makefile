@@ -6,6 +6,11 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.apd_lens_installed
+# `make test` runs these a second time with apd_lens imported through jaxtyping's import hook + beartype
+# (tests/conftest.py), so an untrue annotation fails: APD and SPD against brute force, saving and loading,
+# CI functions, HookedTransformers.
+TYPECHECKED_TESTS := tests/test_core_bruteforce.py tests/test_spd_bruteforce.py tests/test_io.py \
+	tests/test_spd_ci_functions.py tests/test_adapters_hooked_transformer.py::test_exact_split_matches_logits
 
 .PHONY: install demo test lint bench clean
 
@@ -21,8 +26,11 @@ demo: $(STAMP)
 	$(BIN)/python examples/tms.py --setting 5-2 --seed 0 --out runs/demo
 
 test: $(STAMP)
+	@# the browser test (tests/test_browse_browser.py) needs Debian's Chromium: install it when root, else it skips
+	command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -qq && apt-get install -y -qq chromium; } || true
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest tests -q
+	APD_LENS_TYPECHECK=1 $(BIN)/python -m pytest $(TYPECHECKED_TESTS) -q
 	bash scripts/test_tl4.sh
 
 lint: $(STAMP)

@@ -5,6 +5,7 @@
     apd-lens decompose runs/tms52/target --out runs/tms52/apd --resume     # after an interruption
     apd-lens decompose runs/tms52/target --out runs/tms52/spd --method spd # SPD instead of APD
     apd-lens report runs/tms52/apd                                         # metrics.json + figures
+    apd-lens browse runs/tms52/spd --out runs/tms52/site                   # a page per subcomponent
 
 Every command has ``--help``.
 """
@@ -199,17 +200,41 @@ def cmd_decompose(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from apd_lens.analysis.report import write_report
+    from apd_lens.analysis.report import tms_metric_lines, write_report
 
     model, meta, kind = load_target(args.run_dir / "target")
     data = kind.data(model, args.eval_batch, args.seed)
     out = args.out if args.out is not None else args.run_dir / "report"
     metrics = write_report(args.run_dir, model, data, out)
-    summary = {k: v for k, v in metrics["eval"].items() if isinstance(v, float)}
+    tms = metrics.get("tms", {})
+    summary = {k: v for k, v in metrics["eval"].items() if isinstance(v, float) and k not in tms}
     print(" ".join(f"{k}={v:.4g}" for k, v in summary.items()))
+    for line in tms_metric_lines(tms) if tms else []:
+        print(line)
     if "resid_mlp" in metrics:
         print(metrics["resid_mlp"]["last_line"])
     print(f"report written to {out}")
+    return 0
+
+
+def cmd_browse(args: argparse.Namespace) -> int:
+    from apd_lens.browse import BrowseError, browse, serve
+
+    try:
+        index = browse(
+            args.run_dir,
+            args.out,
+            prompt=args.prompt,
+            target=args.target,
+            n_sequences=args.n_sequences,
+            reharvest=args.reharvest,
+            progress=not args.no_progress,
+        )
+    except BrowseError as err:
+        raise SystemExit(f"apd-lens browse: {err}") from None
+    print(f"site written to {args.out}; open {index.resolve().as_uri()}")
+    if args.serve:
+        serve(args.out, args.port)
     return 0
 
 
@@ -277,6 +302,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-batch", type=int, default=4096, help="data points to evaluate on (default 4096)")
     p.add_argument("--seed", type=int, default=12345, help="seed of the evaluation data")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser(
+        "browse",
+        help="a static site to browse a run's subcomponents",
+        description="Harvest an SPD run (once; saved in RUN_DIR/harvest) and write a static site (table of "
+        "subcomponents, cards, the prompt's attribution graph, clusters) that opens from file://.",
+    )
+    p.add_argument("run_dir", type=Path, help="run folder (apd-lens decompose, or examples/lm.py)")
+    p.add_argument("--out", type=Path, required=True, help="folder for the site")
+    p.add_argument("--prompt", help="language models: compute and show this text's attribution graph")
+    p.add_argument("--target", type=Path, help="the language-model target's folder (default: found beside the run)")
+    p.add_argument("--n-sequences", type=int, default=256, help="held-out inputs to harvest (default 256)")
+    p.add_argument("--reharvest", action="store_true", help="harvest again even if the run has a harvest")
+    p.add_argument("--serve", action="store_true", help="then serve the site on localhost until Ctrl-C")
+    p.add_argument("--port", type=int, default=8000, help="port for --serve (default 8000)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_browse)
     return parser
 
 

@@ -23,7 +23,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from safetensors import SafetensorError
@@ -31,16 +31,34 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import Tensor, nn
 
+from apd_lens.engine.config import DecompositionConfig
 from apd_lens.engine.spec import WeightSpec, get_parameter
-
-if TYPE_CHECKING:  # for the annotation only: this module imports no decomposition at run time
-    from apd_lens.engine.base import DecompositionBase
 
 logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 CONFIG_FILE = "cfg.json"
 COMPONENTS_FILE = "components.safetensors"
+
+
+@runtime_checkable
+class SavableDecomposition(Protocol):
+    """What :func:`save_decomposition` reads of a decomposition (``DecompositionBase`` has it all); a
+    protocol, so that this module depends on no decomposition class."""
+
+    @property
+    def method(self) -> str: ...
+    @property
+    def config(self) -> DecompositionConfig: ...
+    @property
+    def specs(self) -> list[WeightSpec]: ...
+    @property
+    def model(self) -> nn.Module: ...
+    @property
+    def loss_history(self) -> list[dict[str, int | float]]: ...
+
+    def state_tensors(self) -> dict[str, Tensor]: ...
+    def target_matrices(self) -> dict[str, Tensor]: ...
 
 
 def apd_lens_version() -> str:
@@ -140,7 +158,7 @@ def check_target(
     raise ValueError(f"{source}{made_of} does not fit this {type(model).__name__}:\n  - " + "\n  - ".join(problems))
 
 
-def save_decomposition(decomposition: DecompositionBase, path: str | Path) -> Path:
+def save_decomposition(decomposition: SavableDecomposition, path: str | Path) -> Path:
     """Save ``decomposition`` to the directory ``path`` (created; existing files replaced)."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)

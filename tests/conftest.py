@@ -1,5 +1,23 @@
+"""Shared fixtures, and the switch that runs the tests with apd_lens's annotations checked.
+
+``APD_LENS_TYPECHECK=1 pytest tests/...`` imports apd_lens through jaxtyping's import hook with
+beartype (``install_import_hook("apd_lens", "beartype.beartype")``), as a type-checked research
+script would: every function's argument and return hints, jaxtyping shapes included, are checked
+on every call, so an untrue annotation fails the tests. ``make test`` runs a representative part so.
+"""
+
+import os
+import sys
+
 import pytest
 import torch
+
+if os.environ.get("APD_LENS_TYPECHECK") == "1":
+    if "apd_lens" in sys.modules:
+        raise RuntimeError("APD_LENS_TYPECHECK=1: apd_lens was imported before the hook could be installed")
+    from jaxtyping import install_import_hook
+
+    install_import_hook("apd_lens", "beartype.beartype")
 
 
 @pytest.fixture

@@ -27,8 +27,20 @@ def main(out_path: str, method: str) -> None:
         schatten_p=0.9,
     )
     if method == "spd":
-        config = apd_lens.SPDConfig(
-            n_subcomponents=6, steps=30, batch_size=64, lr=1e-2, progress=False, log_every=10, n_mask_samples=2
+        config = apd_lens.SPDConfig(  # with the adversarial term and subset routing, each drawn per global batch
+            n_subcomponents=6,
+            steps=30,
+            batch_size=64,
+            lr=1e-2,
+            progress=False,
+            log_every=10,
+            n_mask_samples=2,
+            stochastic_recon_subset_coeff=0.5,
+            pgd_recon_coeff=0.5,
+            pgd_steps=2,
+            pgd_step_size=0.2,
+            pgd_scope="shared",
+            pgd_subset_routing=True,
         )
     dec = apd_lens.decompose(model, data, config)
     if distributed.is_main_process():

@@ -150,3 +150,43 @@ def test_spd_masked_forward_through_the_bridge_equals_hooked_transformer():
     torch.testing.assert_close(out_br, out_ht, rtol=1e-5, atol=1e-5)
     for n in names:
         torch.testing.assert_close(ci_br[br_specs[n].name], ci_ht[n], rtol=1e-5, atol=1e-5)
+
+
+def test_spd_masked_forward_through_the_bridge_matches_masked_weights_set_by_hand():
+    """No HookedTransformer needed (so it runs under transformer-lens 4.x too): the bridge's SPD masked
+    forward, with random masks and delta masks per sequence on the embedding, every attention and MLP
+    weight and the unembedding, equals a copy of the bridge run sequence by sequence with each weight
+    set to its masked weight written out by loops; and the CI are in [0, 1] at every token."""
+    import copy
+
+    from apd_lens import SPDDecomposition
+    from apd_lens.engine.spec import get_parameter
+    from tests.transformer_checks import masked_weight
+
+    bridge = build(normalization_type="LN")
+    specs = list(weight_catalog(bridge).specs.values())
+    dec = SPDDecomposition(bridge, specs, SPDConfig(n_subcomponents=4, ci_fn="mlp", progress=False))
+    with torch.no_grad():  # V U away from W, so that the delta term matters
+        for sub in dec.subcomponents.values():
+            sub.U.mul_(1.7)
+    x = tokens(batch=3, pos=6)
+    gen = torch.Generator().manual_seed(11)
+    masks = {s.name: torch.rand(3, dec.n_subcomponents(s.name), generator=gen) for s in specs}
+    deltas = {s.name: torch.rand(3, generator=gen) for s in specs}
+    with torch.no_grad():
+        got = dec.forward_with_masks(
+            x,
+            {n: m[:, None].expand(-1, 6, -1) for n, m in masks.items()},
+            delta_masks={n: d[:, None].expand(-1, 6) for n, d in deltas.items()},
+        ).output
+        reference = copy.deepcopy(bridge)
+        want = []
+        for b in range(3):
+            for s in specs:
+                get_parameter(reference, s.name).copy_(masked_weight(dec, s.name, masks[s.name][b], deltas[s.name][b]))
+            want.append(reference(x[b : b + 1])[0])
+        want = torch.stack(want)
+        assert not torch.allclose(want, bridge(x), atol=1e-3)  # the masks change the output
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        for name, g in dec.causal_importances(x).items():
+            assert g.shape == (3, 6, 4) and bool(((g >= 0) & (g <= 1)).all()), name

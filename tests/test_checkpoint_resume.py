@@ -69,6 +69,29 @@ def test_resume_from_a_middle_checkpoint_equals_uninterrupted_run(tmp_path, kind
     assert same_components(again, plain)
 
 
+def test_vpd_persistent_sources_resume_exactly(tmp_path):
+    """SPD with persistent adversarial sources, the global CI MLP and the V/U clip: the sources and their
+    Adam moments are checkpointed, so a run resumed from the middle ends where an uninterrupted one does."""
+    cfg = TMS(5, 2).spd_default_config().replace(
+        steps=12, batch_size=32, progress=False, log_every=3, faithfulness_warmup_steps=3, pgd_recon_coeff=0.5,
+        pgd_scope="persistent", pgd_subset_routing=True, ci_fn="global_mlp", grad_clip_subcomponents=0.01,
+    )  # fmt: skip
+    plain = apd_lens.decompose(TMS(5, 2), make_data("tensor"), cfg)
+    run_a = tmp_path / "a"
+    apd_lens.decompose(TMS(5, 2), make_data("tensor"), cfg, run_dir=run_a, checkpoint_every=5, keep_checkpoints=0)
+    saved = load_checkpoint(checkpoint_path(run_a, 5))["persistent_pgd"]
+    assert saved["updates"] == 5 * 3  # 2 warm-up updates and 1 after the backward per step
+    assert {k: tuple(s.shape) for k, s in saved["sources"].items()} == {"W": (32, 41), "W:use1": (32, 41)}
+    resumed = apd_lens.decompose(
+        TMS(5, 2), make_data("tensor"), cfg, run_dir=tmp_path / "b", resume=checkpoint_path(tmp_path / "a", 5)
+    )
+    for name, t in plain.state_tensors().items():
+        assert torch.equal(resumed.state_tensors()[name], t), name
+    for key, t in plain.persistent_sources.state_dict()["sources"].items():
+        assert torch.equal(resumed.persistent_sources.state_dict()["sources"][key], t)
+    assert resumed.loss_history == plain.loss_history
+
+
 WORKER = textwrap.dedent(
     """
     import sys, time

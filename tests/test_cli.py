@@ -71,7 +71,8 @@ def test_train_decompose_report_end_to_end(tmp_path, capsys):
     assert [r["step"] for r in rows] == [0, 29]
 
     assert main(["report", str(run), "--eval-batch", "500"]) == 0
-    assert "mmcs=" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "parts (the papers' metrics): MMCS=" in out and "largest norm (as the examples): MMCS=" in out
     report = json.loads((run / "report" / "metrics.json").read_text())
     tensors = load_file(run / "components.safetensors")
     components = tensors["W.A"] @ tensors["W.B"]
@@ -159,7 +160,7 @@ def test_spd_train_decompose_resume_report(tmp_path, capsys):
     assert json.loads((tmp_path / "a" / "cfg.json").read_text())["method"] == "spd"
 
     assert main(["report", str(tmp_path / "a"), "--eval-batch", "300"]) == 0
-    assert "mmcs=" in capsys.readouterr().out
+    assert "TMS W, all 5 parts (the papers' metrics): MMCS=" in capsys.readouterr().out
     report = json.loads((tmp_path / "a" / "report" / "metrics.json").read_text())
     assert report["method"] == "spd" and report["n_parts"] == {"W": 5, "I": 5}
     W = a["target.W"]
@@ -170,6 +171,65 @@ def test_spd_train_decompose_resume_report(tmp_path, capsys):
     assert set(report["eval"]["ci_l0"]) == {"W", "W:use1", "I"}
     names = {Path(f).name for f in report["figures"]}
     assert {"losses.png", "subcomponents_W.png", "subcomponents_I.png", "subcomponent_frequency_W_use1.png"} <= names
+
+
+def test_spd_report_prints_both_ml2rs_and_draws_only_live_subcomponents(tmp_path, capsys, monkeypatch):
+    """On an SPD TMS run with dead subcomponents the report prints the papers' all-parts MMCS/ML2R and
+    the examples' figure over the parts above 1% of the largest norm, each labelled, and its
+    subcomponent figure draws only the live ones, largest first (all checked against loops here)."""
+    from safetensors.torch import save_file
+
+    from apd_lens.analysis import plotting
+
+    target, run = tmp_path / "target", tmp_path / "run"
+    main(["train-target", "tms-5-2", "--out", str(target), "--steps", "20", "--no-progress"])
+    argv = ["decompose", str(target), "--out", str(run), "--method", "spd", "--steps", "2", "--batch-size", "16"]
+    assert main([*argv, "--set", "n_subcomponents=12", "--no-progress"]) == 0
+    # kill 7 of the 12 subcomponents (norm ~1e-4 of the others), as a trained SPD run leaves them
+    tensors = load_file(run / "components.safetensors")
+    dead = [0, 2, 3, 6, 8, 10, 11]
+    tensors["W.V"][:, dead] *= 1e-2
+    tensors["W.U"][dead] *= 1e-2
+    tensors["W.U"][5] *= 3.0  # one clearly largest part, so the figure's order is checked
+    save_file(tensors, run / "components.safetensors")
+
+    V, U, W = tensors["W.V"], tensors["W.U"], tensors["target.W"]
+    norms = []
+    for c in range(12):
+        total = 0.0
+        for i in range(V.shape[0]):
+            for j in range(U.shape[1]):
+                total += float(V[i, c] * U[c, j]) ** 2
+        norms.append(total**0.5)
+    live = sorted((c for c in range(12) if norms[c] > 0.01 * max(norms)), key=lambda c: -norms[c])
+    assert sorted(live) == [c for c in range(12) if c not in dead]
+
+    drawn = {}
+    original = plotting.save_figure
+
+    def record(fig, path):
+        axes = [ax for ax in fig.axes if ax.axison]
+        drawn[Path(path).name] = ([ax.get_title() for ax in axes], fig._suptitle and fig._suptitle.get_text())
+        return original(fig, path)
+
+    monkeypatch.setattr(plotting, "save_figure", record)
+    assert main(["report", str(run), "--eval-batch", "100"]) == 0
+    out = capsys.readouterr().out
+    subcomponents = V.T[:, :, None] * U[:, None, :]
+    mmcs, ml2r = brute_mmcs_ml2r(subcomponents, W)
+    large_mmcs, large_ml2r = brute_mmcs_ml2r(subcomponents[sorted(live)], W)
+    assert f"TMS W, all 12 parts (the papers' metrics): MMCS={mmcs:.4f} ML2R={ml2r:.4f}" in out
+    examples = f"TMS W, the 5 parts above 1% of the largest norm (as the examples): MMCS={large_mmcs:.4f}"
+    assert f"{examples} ML2R={large_ml2r:.4f}" in out
+    assert ml2r < 0.5 * large_ml2r  # the stray parts win features and drag the papers' ML2R down
+    report = json.loads((run / "report" / "metrics.json").read_text())
+    assert report["tms"]["ml2r_large_parts"] == pytest.approx(large_ml2r, abs=1e-5)
+    assert report["live_parts"]["W"] == len(live)
+
+    titles, suptitle = drawn["subcomponents_W.png"]
+    assert len(titles) - 1 == len(live)  # the target's panel and one per live subcomponent
+    assert titles == ["target W"] + [str(c) for c in live]
+    assert "5 live subcomponents of 12" in suptitle and "7 dead" in suptitle
 
 
 def test_report_of_an_spd_residual_mlp_run_has_its_analysis(tmp_path, capsys):

@@ -1,5 +1,6 @@
 """Two gloo processes under torchrun give the decomposition of one process at the same global batch
-(APD: the batch top-k over the global batch; SPD: the mask sources drawn for the global batch)."""
+(APD: the batch top-k over the global batch; SPD: the mask sources, the subset routes and the PGD
+sources, routed through subsets, drawn for the global batch)."""
 
 import os
 import subprocess

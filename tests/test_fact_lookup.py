@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.func import functional_call
 
 pytest.importorskip("transformer_lens.HookedTransformer")
 
@@ -27,6 +28,7 @@ from apd_lens.models.fact_neurons import (  # noqa: E402
     shared_fact_neurons,
     split_neuron,
 )
+from tests.transformer_checks import masked_weight  # noqa: E402
 
 
 def test_task_layout():
@@ -247,20 +249,31 @@ def test_short_spd_decomposition_of_the_mlp(trained):
     assert dec.sites == ["blocks.0.mlp.W_in", "blocks.0.mlp.W_out"]
     facts = facts_with_own_subcomponent(dec, task)
     assert len(facts.top) == task.n_facts and facts.n_own == sum(facts.own)
-    with torch.no_grad():  # the same KL by an explicit loop over draws, facts and positions
-        x, ref = task.sequences(), model(task.sequences()).log_softmax(-1)
-        torch.manual_seed(5)
-        draws = [dec(x, "stochastic").log_softmax(-1) for _ in range(4)]
-    explicit = (
-        sum(
-            sum((ref[i, p].exp() * (ref[i, p] - d[i, p])).sum().item() for i in range(x.shape[0]) for p in range(2))
-            / (2 * x.shape[0])
-            for d in draws
-        )
-        / 4
-    )
-    torch.manual_seed(5)
+    drawn = []
+    sample_masks = dec.sample_masks
+
+    def record(ci, generator=None):
+        drawn.append(sample_masks(ci, generator))
+        return drawn[-1]
+
+    dec.sample_masks = record  # the instance's draws, kept for the explicit computation below
     kl = stochastic_recon_kl(dec, model, task, n_samples=4)
+    del dec.sample_masks
+    # the same KL by explicit loops over draws, facts and positions: the one-layer model's output at (i, p)
+    # is the model on sequence i with W_in, W_out at token (i, p)'s masked weights (written out by loops)
+    with torch.no_grad():
+        x, ref = task.sequences(), model(task.sequences()).log_softmax(-1)
+        params = {k: v.detach() for k, v in model.named_parameters()}
+        total = 0.0
+        for masks in drawn:
+            for i in range(x.shape[0]):
+                for p in range(2):
+                    for name in dec.sites:
+                        params[name] = masked_weight(dec, name, masks[name][i, p], 1.0)
+                    out = functional_call(model, params, (x[i : i + 1],))[0, p].log_softmax(-1)
+                    total += (ref[i, p].exp() * (ref[i, p] - out)).sum().item() / (2 * x.shape[0])
+    explicit = total / len(drawn)
+    assert len(drawn) == 4
     assert kl == pytest.approx(explicit, rel=1e-4)
     assert kl > 0
     with pytest.raises(ValueError, match="not decomposed"):

@@ -64,10 +64,18 @@ def _masked_output(decomposition, x: torch.Tensor, masks: dict[str, torch.Tensor
     return torch.stack(outs)
 
 
-def test_spd_resid_mlp_analysis_matches_loops(small_decomposition, tmp_path):
+def test_spd_resid_mlp_analysis_matches_loops(small_decomposition, tmp_path, monkeypatch):
     d = small_decomposition
     model = d.model
     F, L = model.n_features, model.n_layers
+    drawn = []
+    sample_masks = d.sample_masks
+
+    def record(ci, generator=None):
+        drawn.append(sample_masks(ci, generator))
+        return drawn[-1]
+
+    monkeypatch.setattr(d, "sample_masks", record)  # the stochastic masks of MASKED_MSE, for the loop below
     report = analyse_spd_resid_mlp(d, n_per_feature=3, n_mask_samples=2, eval_batch=64, seed=5)
 
     # CI on the probes, one input at a time
@@ -147,6 +155,22 @@ def test_spd_resid_mlp_analysis_matches_loops(small_decomposition, tmp_path):
     t, s = target_c.flatten().numpy(), sub_c.flatten().numpy()
     slope = np.linalg.lstsq(t[:, None], s, rcond=None)[0][0]
     assert report.contribution_slope == pytest.approx(slope, rel=1e-4)
+    for layer in range(L):
+        t, s = target_c[layer].flatten().numpy(), sub_c[layer].flatten().numpy()
+        slope = np.linalg.lstsq(t[:, None], s, rcond=None)[0][0]
+        assert report.contribution_slope_per_layer[layer] == pytest.approx(slope, rel=1e-4)
+
+    # alive: CI above 0.1 on some probe or some point of the evaluation batch (ResidMLPData seed 5), counted
+    data = ResidMLPData(F, 64, seed=5).sample()
+    ci_data = d.causal_importances(data)
+    for site in d.sites:
+        n_sub = d.n_subcomponents(site)
+        alive = [
+            c
+            for c in range(n_sub)
+            if any(ci[site][j, c] > 0.1 for j in range(2 * F)) or any(ci_data[site][j, c] > 0.1 for j in range(64))
+        ]
+        assert report.alive[site] == len(alive)
 
     # the CI-masked MSE: same one-feature batch, per-sample functional_call, mean per feature then over features
     x, feature = one_feature_batch(F, 3, torch.Generator().manual_seed(5))
@@ -154,6 +178,14 @@ def test_spd_resid_mlp_analysis_matches_loops(small_decomposition, tmp_path):
     err = (_masked_output(d, x, masks) - model(x)).square().mean(-1)
     per_feature = [err[feature == i].mean().item() for i in range(F)]
     assert report.ci_masked_mse == pytest.approx(sum(per_feature) / F, rel=1e-4)
+    # MASKED_MSE: the same, with each of the 2 stochastic masks the analysis drew, averaged over the draws
+    assert len(drawn) == 2
+    stochastic = []
+    for masks in drawn:
+        err = (_masked_output(d, x, {s.split(":")[0]: m for s, m in masks.items()}) - model(x)).square().mean(-1)
+        stochastic.append(sum(err[feature == i].mean().item() for i in range(F)) / F)
+    assert report.masked_mse == pytest.approx(sum(stochastic) / 2, rel=1e-4)
+    assert report.masked_mse != pytest.approx(report.ci_masked_mse, rel=1e-3)
 
     figures = plot_spd_resid_mlp_report(report, tmp_path)
     assert all(p.stat().st_size > 0 for p in figures)

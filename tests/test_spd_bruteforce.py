@@ -18,26 +18,12 @@ from apd_lens import SPDConfig, SPDDecomposition
 from apd_lens.engine.spec import get_parameter
 from apd_lens.methods.spd.sigmoids import lower_leaky_hard_sigmoid, upper_leaky_hard_sigmoid
 from tests.toy_models import TwoLayerMLP, tms_with_bias, two_layer_specs
-from tests.transformer_checks import _matrix_by_hand, randomize_
+from tests.transformer_checks import masked_weight, randomize_
 
 
 @pytest.fixture(autouse=True)
 def _float64(float64):
     """Brute-force comparisons run in float64 so that 1e-5 relative is far above rounding."""
-
-
-def _param_by_hand(matrix: torch.Tensor, spec, shape) -> torch.Tensor:
-    """The parameter of ``shape`` whose [d_in, d_out] matrix is ``matrix`` (inverse of _matrix_by_hand)."""
-    if spec.matrix_pattern is None:
-        return matrix
-    if spec.matrix_pattern == "o i -> i o":
-        return matrix.T
-    if spec.matrix_pattern == "h d e -> d (h e)":
-        h, d, e = shape
-        return matrix.reshape(d, h, e).permute(1, 0, 2)
-    if spec.matrix_pattern == "h e d -> (h e) d":
-        return matrix.reshape(shape)
-    raise AssertionError(spec.matrix_pattern)
 
 
 def make(kind: str, n_sub: int = 4, delta: bool = True, **cfg):
@@ -69,24 +55,6 @@ def make(kind: str, n_sub: int = 4, delta: bool = True, **cfg):
         for sub in dec.subcomponents.values():
             sub.U.mul_(1.7)
     return dec, x
-
-
-def masked_weight(dec: SPDDecomposition, name: str, mask_row: torch.Tensor | None, delta_weight) -> torch.Tensor:
-    """W'(x) = Σ_c m_c V[:, c] ⊗ U[c, :] + r_Δ (W - V U), by loops, in the parameter's own shape."""
-    spec = dec.specs_by_name[name]
-    param = get_parameter(dec.model, name).detach()
-    target = _matrix_by_hand(param, spec)
-    sub = dec.subcomponents[name]
-    V, U = sub.V.detach(), sub.U.detach()
-    out = torch.zeros_like(target)
-    full = torch.zeros_like(target)
-    for c in range(V.shape[1]):
-        piece = torch.outer(V[:, c], U[c])
-        full += piece
-        out += (1.0 if mask_row is None else mask_row[c]) * piece
-    if dec.config.use_delta_component:
-        out += delta_weight * (target - full)
-    return _param_by_hand(out, spec, param.shape)
 
 
 def random_masks(dec: SPDDecomposition, batch_shape, tied_equal: bool, seed: int = 5):
@@ -243,6 +211,16 @@ def masked_outputs(dec, x, kind, masks_by_site, deltas_by_site, is_masked) -> to
     return torch.stack(outs)
 
 
+COEFFS = {
+    "faithfulness": 0.37,
+    "stochastic_recon": 1.9,
+    "stochastic_recon_layerwise": 0.61,
+    "importance_minimality": 0.013,
+}
+"""Distinct coefficients, none 1, for the terms every step has: a swapped coefficient changes the total."""
+COEFF_CONFIG = {f"{term}_coeff": c for term, c in COEFFS.items()}
+
+
 class Recorder:
     """Wraps a mask-sampling function and keeps what it returned."""
 
@@ -255,12 +233,16 @@ class Recorder:
         return out
 
 
-@pytest.mark.parametrize("kind", ["tms", "mlp"])
-@pytest.mark.parametrize("samples", [1, 2])
-def test_every_loss_term_matches_loops(kind, samples, monkeypatch):
+@pytest.mark.parametrize(
+    ("kind", "samples", "sampling"),
+    [("tms", 1, "continuous"), ("mlp", 2, "continuous"), ("tms", 2, "binomial"), ("mlp", 1, "binomial")],
+)
+def test_every_loss_term_matches_loops(kind, samples, sampling, monkeypatch):
     """faithfulness, stochastic recon (every weight masked), stochastic recon layerwise (one explicit
-    forward per site, the others at the target) and importance minimality, from the masks the step drew."""
-    dec, x = make(kind, n_mask_samples=samples, importance_p=1.5)
+    forward per site, the others at the target) and importance minimality, from the masks the step drew,
+    and the total with each term's own (distinct) coefficient; the masks are g + (1 - g) r with r
+    uniform in [0, 1) or, with binomial sampling, 0 or 1."""
+    dec, x = make(kind, n_mask_samples=samples, importance_p=1.5, sampling=sampling, **COEFF_CONFIG)
     masks_rec = Recorder(spd_module.stochastic_masks)
     delta_rec = Recorder(spd_module.delta_masks)
     monkeypatch.setattr(spd_module, "stochastic_masks", masks_rec)
@@ -298,30 +280,33 @@ def test_every_loss_term_matches_loops(kind, samples, monkeypatch):
         for c in range(upper[site].shape[1]):
             importance += sum((upper[site][n, c] + 1e-12) ** 1.5 for n in range(x.shape[0])) / x.shape[0]
     torch.testing.assert_close(terms["importance_minimality"], importance, rtol=1e-6, atol=0)
-    cfg = dec.config
     want_total = (
-        terms["faithfulness"]
-        + terms["stochastic_recon"]
-        + terms["stochastic_recon_layerwise"]
-        + cfg.importance_minimality_coeff * terms["importance_minimality"]
+        0.37 * faith / n_params
+        + 1.9 * sum(recon) / len(recon)
+        + 0.61 * sum(layerwise) / len(layerwise)
+        + 0.013 * importance
     )
-    torch.testing.assert_close(terms["total"], want_total)
-    # the masks are g + (1 - g) r with r in [0, 1): never below the CI, never above 1
+    torch.testing.assert_close(terms["total"], want_total, rtol=1e-6, atol=0)
+    # the masks are g + (1 - g) r: never below the CI, never above 1; binomial: r is 0 or 1, each about half
     lower, _ = ci_by_loops(dec, x)
+    sources = []
     for k, m in masks_rec.calls[0].items():
-        g = lower[dec.sites[dec.site_keys.index(k)]]
+        g = lower[dec.sites[dec.site_keys.index(k)]].detach()
         assert bool((m >= g - 1e-12).all()) and bool((m <= 1).all())
+        free = g < 1 - 1e-6
+        sources.append(((m.detach() - g) / (1 - g))[free])
+    r = torch.cat(sources)
+    if sampling == "binomial":
+        assert bool(((r.abs() < 1e-9) | ((r - 1).abs() < 1e-9)).all())
+        assert 0.3 < float((r > 0.5).double().mean()) < 0.7
+    else:
+        assert float(((r > 1e-6) & (r < 1 - 1e-6)).double().mean()) > 0.95
 
 
-def assert_total_with(terms: dict, dec: SPDDecomposition, **extra: float) -> None:
-    """``total`` is the default-weighted terms (1 for faithfulness and both stochastic recons, the config's
-    importance coefficient) plus each of ``extra`` (term name -> its weight)."""
-    want = (
-        terms["faithfulness"]
-        + terms["stochastic_recon"]
-        + terms["stochastic_recon_layerwise"]
-        + dec.config.importance_minimality_coeff * terms["importance_minimality"]
-    )
+def assert_total_with(terms: dict, **extra: float) -> None:
+    """``total`` is the terms every step has, each times its COEFFS weight, plus each of ``extra``
+    (term name -> its weight)."""
+    want = sum(c * terms[term] for term, c in COEFFS.items())
     for name, weight in extra.items():
         want = want + weight * terms[name]
     torch.testing.assert_close(terms["total"], want)
@@ -331,7 +316,7 @@ def assert_total_with(terms: dict, dec: SPDDecomposition, **extra: float) -> Non
 def test_subset_recon_matches_loops(kind, monkeypatch):
     """stochastic_recon_subset: per example, the weights its route picked at their masked weight (a tied
     weight's uses together), the others at the target's; and the routes' subset sizes are 1..n_weights."""
-    dec, x = make(kind, n_mask_samples=2, stochastic_recon_subset_coeff=0.5)
+    dec, x = make(kind, n_mask_samples=2, stochastic_recon_subset_coeff=0.5, **COEFF_CONFIG)
     masks_rec = Recorder(spd_module.stochastic_masks)
     delta_rec = Recorder(spd_module.delta_masks)
     route_rec = Recorder(spd_module.subset_routes)
@@ -349,7 +334,7 @@ def test_subset_recon_matches_loops(kind, monkeypatch):
         assert set(route) == {s.name for s in dec.specs}
         assert int(sizes.min()) >= 1 and int(sizes.max()) <= len(route)
     torch.testing.assert_close(terms["stochastic_recon_subset"], sum(losses) / len(losses), rtol=1e-6, atol=0)
-    assert_total_with(terms, dec, stochastic_recon_subset=0.5)
+    assert_total_with(terms, stochastic_recon_subset=0.5)
 
 
 @pytest.mark.parametrize("kind", ["tms", "mlp"])
@@ -358,7 +343,7 @@ def test_pgd_recon_matches_loops(kind, scope, monkeypatch):
     """pgd_recon: from the step's initial sources, 3 signed-gradient ascent steps (clipped to [0, 1]) on
     the MSE of the per-example masked model (masks g + (1 - g) s, delta times its source), then its MSE."""
     steps, size = 3, 0.3
-    dec, x = make(kind, pgd_recon_coeff=0.7, pgd_steps=steps, pgd_step_size=size, pgd_scope=scope)
+    dec, x = make(kind, pgd_recon_coeff=0.7, pgd_steps=steps, pgd_step_size=size, pgd_scope=scope, **COEFF_CONFIG)
     init_rec = Recorder(spd_module.pgd_sources)
     monkeypatch.setattr(spd_module, "pgd_sources", init_rec)
     terms = dec.losses(x, torch.Generator().manual_seed(4))
@@ -384,7 +369,7 @@ def test_pgd_recon_matches_loops(kind, scope, monkeypatch):
     want = mse(src)
     torch.testing.assert_close(terms["pgd_recon"], want, rtol=1e-6, atol=0)
     assert want > start  # the ascent found worse masks than its starting point
-    assert_total_with(terms, dec, pgd_recon=0.7)
+    assert_total_with(terms, pgd_recon=0.7)
 
 
 def test_pgd_sources_at_ones_give_the_target_and_at_zeros_the_ci_masked_model():
@@ -473,3 +458,154 @@ def test_both_sigmoids_in_one_node_give_the_sum_of_their_gradients():
     (one,) = torch.autograd.grad((lower_leaky_hard_sigmoid(z) * g_lo).sum(), z)
     (two,) = torch.autograd.grad((upper_leaky_hard_sigmoid(z) * g_up).sum(), z)
     torch.testing.assert_close(both, one + two)
+
+
+# ----------------------------------------------------------------------------- p annealing
+def test_importance_p_anneals_linearly_between_its_fractions():
+    """p is importance_p until p_anneal_start_frac, p_anneal_final from p_anneal_end_frac, linear between
+    (values worked out by hand); without p_anneal_final it never moves."""
+    cfg = SPDConfig(importance_p=2.0, p_anneal_final=0.5, p_anneal_start_frac=0.25, p_anneal_end_frac=0.75)
+    by_hand = {0.0: 2.0, 0.25: 2.0, 0.5: 1.25, 0.6: 0.95, 0.75: 0.5, 0.9: 0.5, 1.0: 0.5}
+    for progress, p in by_hand.items():
+        assert cfg.importance_p_at(progress) == pytest.approx(p, abs=1e-12), progress
+    assert {SPDConfig(importance_p=0.9).importance_p_at(f) for f in (0.0, 0.5, 1.0)} == {0.9}
+
+
+def test_losses_use_the_p_of_their_step_and_training_passes_each_step(monkeypatch):
+    """losses(x, step=s): the importance term by loops with p at s / steps (None: the end of training);
+    and a training run hands losses() its steps 0..steps-1 in order."""
+    steps = 200
+    anneal = dict(importance_p=2.0, p_anneal_final=0.5, p_anneal_start_frac=0.25, p_anneal_end_frac=0.75)
+    dec, x = make("mlp", steps=steps, **anneal)
+    _, upper = ci_by_loops(dec, x)
+    upper = {site: u.detach() for site, u in upper.items()}
+
+    def importance(p):
+        total = 0.0
+        for u in upper.values():
+            for c in range(u.shape[1]):
+                total += sum((u[n, c] + 1e-12) ** p for n in range(u.shape[0])) / u.shape[0]
+        return total
+
+    for step, p in ((20, 2.0), (100, 1.25), (120, 0.95), (190, 0.5), (None, 0.5)):
+        terms = dec.losses(x, torch.Generator().manual_seed(0), step=step)
+        torch.testing.assert_close(terms["importance_minimality"], torch.as_tensor(importance(p)), rtol=1e-6, atol=0)
+
+    import apd_lens
+
+    seen = []
+    original = SPDDecomposition.losses
+
+    def record(self, x, generator=None, step=None):
+        seen.append(step)
+        return original(self, x, generator, step)
+
+    monkeypatch.setattr(SPDDecomposition, "losses", record)
+    model, specs, data = tms_with_bias()
+    config = SPDConfig(n_subcomponents=3, steps=5, batch_size=4, progress=False, faithfulness_warmup_steps=0, **anneal)
+    apd_lens.decompose(model, data.repeat(4, 1), config, weights=specs)
+    assert seen == [0, 1, 2, 3, 4]
+
+
+# ----------------------------------------------------------------------------- lean path, tokens, activations
+def _per_sequence(fn, seq_len: int):
+    """Wrap a per-token draw ([n_tokens, ...] values) so every position of a sequence gets its first
+    position's draw: the masked model of a sequence is then one set of weights (functional_call)."""
+
+    def draw(*args, **kwargs):
+        out = fn(*args, **kwargs)
+        return {
+            k: v.reshape(-1, seq_len, *v.shape[1:])[:, :1].expand(-1, seq_len, *v.shape[1:]).reshape(v.shape)
+            for k, v in out.items()
+        }
+
+    return draw
+
+
+def test_lean_step_on_tokens_matches_loops(monkeypatch):
+    """Token-shaped input, the lean step (stochastic recon and layerwise off, subset on): the subset term
+    is the MSE of each sequence run with its routed weights at their masked weights (functional_call),
+    the two recons off are 0, and the total is 0.37 faithfulness + 0.8 subset + 0.013 importance, each
+    term by loops or by hand."""
+    coeffs = dict(faithfulness_coeff=0.37, importance_minimality_coeff=0.013, stochastic_recon_subset_coeff=0.8)
+    dec, x = make("transformer", stochastic_recon_coeff=0, stochastic_recon_layerwise_coeff=0, **coeffs)
+    seq = x.shape[1]
+    recs = {
+        name: Recorder(_per_sequence(getattr(spd_module, name), seq))
+        for name in ("stochastic_masks", "delta_masks", "subset_routes")
+    }
+    for name, rec in recs.items():
+        monkeypatch.setattr(spd_module, name, rec)
+    terms = dec.losses(x, torch.Generator().manual_seed(1))
+    (masks,), (deltas,), (route,) = (recs[n].calls for n in ("stochastic_masks", "delta_masks", "subset_routes"))
+    assert float(terms["stochastic_recon"].detach()) == 0 and float(terms["stochastic_recon_layerwise"].detach()) == 0
+
+    target_out = dec.model(x).detach()
+    site_of = {k: dec.sites[dec.site_keys.index(k)] for k in masks}
+    outs = []
+    for b in range(x.shape[0]):
+        params = {k: v.detach() for k, v in dec.model.named_parameters()}
+        for spec in dec.specs:
+            if bool(route[spec.name][b * seq]):
+                (key,) = [k for k in masks if site_of[k] == spec.name]
+                params[spec.name] = masked_weight(dec, spec.name, masks[key][b * seq], deltas[key][b * seq])
+        outs.append(functional_call(dec.model, params, (x[b][None],))[0])
+    subset = (torch.stack(outs) - target_out).square().mean()
+    torch.testing.assert_close(terms["stochastic_recon_subset"], subset, rtol=1e-6, atol=0)
+
+    targets, n_params, faith = dec.target_matrices(), 0, 0.0
+    for spec in dec.specs:
+        sub = dec.subcomponents[spec.name]
+        faith += (targets[spec.name] - sub.V.detach() @ sub.U.detach()).square().sum()
+        n_params += get_parameter(dec.model, spec.name).numel()
+    _, upper = ci_by_loops(dec, x)
+    importance = sum(((u.detach() + 1e-12) ** 2).sum(0).sum() / u.shape[0] for u in upper.values())
+    torch.testing.assert_close(terms["faithfulness"], faith / n_params, rtol=1e-6, atol=0)
+    torch.testing.assert_close(terms["importance_minimality"], importance, rtol=1e-6, atol=0)
+    want = 0.37 * faith / n_params + 0.8 * subset + 0.013 * importance
+    torch.testing.assert_close(terms["total"], want, rtol=1e-6, atol=0)
+
+
+def test_activation_recon_matches_an_explicit_forward(monkeypatch):
+    """act_recon at hook_pre and hook_post of the two-layer MLP: per example, the masked weights by loops
+    and the MLP written out (pre = x W1' + b1, post = tanh(pre) pre, out = post W2' + b2); the term is the
+    squared error over both hooks' 12 units / 12, averaged over examples and mask samples; the total
+    weights it by act_recon_coeff."""
+    dec, x = make(
+        "mlp",
+        n_mask_samples=2,
+        act_recon_coeff=1.3,
+        act_recon_hooks=("hook_pre", "hook_post"),
+        **{**COEFF_CONFIG, "stochastic_recon_layerwise_coeff": 0},
+    )
+    masks_rec = Recorder(spd_module.stochastic_masks)
+    delta_rec = Recorder(spd_module.delta_masks)
+    monkeypatch.setattr(spd_module, "stochastic_masks", masks_rec)
+    monkeypatch.setattr(spd_module, "delta_masks", delta_rec)
+    terms = dec.losses(x, torch.Generator().manual_seed(2))
+    m = dec.model
+
+    def explicit(w1, w2, xn):
+        pre = xn @ w1 + m.b1
+        post = torch.tanh(pre) * pre
+        return pre, post, post @ w2 + m.b2
+
+    act, recon = [], []
+    for masks, deltas in zip(masks_rec.calls, delta_rec.calls, strict=True):
+        by_site = {dec.sites[dec.site_keys.index(k)]: v for k, v in masks.items()}
+        d_by_site = {dec.sites[dec.site_keys.index(k)]: v for k, v in deltas.items()}
+        err_act, err_out = 0.0, 0.0
+        for n in range(x.shape[0]):
+            w1 = masked_weight(dec, "W1", by_site["W1"][n], d_by_site["W1"][n])
+            w2 = masked_weight(dec, "W2", by_site["W2"][n], d_by_site["W2"][n])
+            pre, post, out = explicit(w1, w2, x[n])
+            pre_t, post_t, out_t = explicit(m.W1, m.W2, x[n])
+            err_act += ((pre - pre_t).square().sum() + (post - post_t).square().sum()) / 12
+            err_out += (out - out_t).square().mean()
+        act.append(err_act / x.shape[0])
+        recon.append(err_out / x.shape[0])
+    torch.testing.assert_close(terms["act_recon"], sum(act) / 2, rtol=1e-6, atol=0)
+    torch.testing.assert_close(terms["stochastic_recon"], sum(recon) / 2, rtol=1e-6, atol=0)
+    assert float(terms["act_recon"].detach()) > 1e-6
+    want = 0.37 * terms["faithfulness"] + 1.9 * sum(recon) / 2 + 0.013 * terms["importance_minimality"]
+    torch.testing.assert_close(terms["total"], want + 1.3 * sum(act) / 2, rtol=1e-6, atol=0)

@@ -51,6 +51,26 @@ def test_scalar_mlp_values_and_gradients_match_a_loop(chunk, monkeypatch):
     assert torch.autograd.gradcheck(ci_module._ScalarMLPFunction.apply, inputs)
 
 
+def vector_ci_by_loops(fn, kind: str, a: torch.Tensor) -> torch.Tensor:
+    """The vector-input CI MLP (``vector_mlp``: one hidden layer per subcomponent; ``shared_mlp``: one hidden
+    layer for all) on every row of ``a`` [n, d], by loops over rows, subcomponents and hidden units."""
+    n_rows, d_in = a.shape
+    n_sub, hidden = fn.b_out.shape[0], fn.w_out.shape[1] if kind == "vector_mlp" else fn.w_out.shape[0]
+    out = torch.zeros(n_rows, n_sub)
+    for n in range(n_rows):
+        for c in range(n_sub):
+            if kind == "vector_mlp":
+                h = [
+                    gelu(float(sum(a[n, d] * fn.w_in[d, c, j] for d in range(d_in)) + fn.b_in[c, j]))
+                    for j in range(hidden)
+                ]
+                out[n, c] = fn.b_out[c] + sum(fn.w_out[c, j] * h[j] for j in range(hidden))
+            else:
+                h = [gelu(float(sum(a[n, d] * fn.w_in[d, j] for d in range(d_in)) + fn.b_in[j])) for j in range(hidden)]
+                out[n, c] = fn.b_out[c] + sum(h[j] * fn.w_out[j, c] for j in range(hidden))
+    return out
+
+
 @pytest.mark.parametrize("kind", ["vector_mlp", "shared_mlp"])
 def test_vector_input_ci_functions_match_a_loop(kind):
     torch.manual_seed(1)
@@ -60,29 +80,26 @@ def test_vector_input_ci_functions_match_a_loop(kind):
         fn.b_out.normal_()
     a = torch.randn(6, 4)
     out = fn(a).detach()
-    fn.requires_grad_(False)
-    for n in range(6):
-        for c in range(3):
-            if kind == "vector_mlp":
-                hidden = [
-                    gelu(float(sum(a[n, d] * fn.w_in[d, c, j] for d in range(4)) + fn.b_in[c, j])) for j in range(5)
-                ]
-                want = fn.b_out[c] + sum(fn.w_out[c, j] * hidden[j] for j in range(5))
-            else:
-                hidden = [gelu(float(sum(a[n, d] * fn.w_in[d, j] for d in range(4)) + fn.b_in[j])) for j in range(5)]
-                want = fn.b_out[c] + sum(hidden[j] * fn.w_out[j, c] for j in range(5))
-            assert float(out[n, c]) == pytest.approx(float(want), rel=1e-9, abs=1e-12)
+    with torch.no_grad():
+        torch.testing.assert_close(out, vector_ci_by_loops(fn, kind, a), rtol=1e-9, atol=1e-12)
 
 
 @pytest.mark.parametrize("kind", ["vector_mlp", "shared_mlp"])
 def test_decompositions_with_vector_input_ci_functions_read_the_entering_activation(kind):
+    """Each weight's CI is its function, by loops, of the activation entering it, written out here: x for
+    W1, tanh(pre) pre with pre = x W1 + b1 for W2; clamped to [0, 1]."""
     model = TwoLayerMLP().double()
     dec = SPDDecomposition(model, two_layer_specs(), SPDConfig(n_subcomponents=3, ci_fn=kind, ci_hidden=5))
+    with torch.no_grad():  # CI values on both sides of 0 and 1
+        for sub in dec.subcomponents.values():
+            sub.ci_fns[0].b_out.copy_(torch.tensor([-0.3, 0.5, 1.4]))
     x = torch.randn(6, 4)
     ci = dec.causal_importances(x)
-    record = dec.hooked_pass(x)
-    for site in dec.sites:
-        z = dec.subcomponents[site].ci_fns[0](record.enters[(site, 0)])
-        torch.testing.assert_close(ci[site], z.clamp(0, 1))
+    with torch.no_grad():
+        pre = x @ model.W1 + model.b1
+        enters = {"W1": x, "W2": torch.tanh(pre) * pre}
+        for site in dec.sites:
+            want = vector_ci_by_loops(dec.subcomponents[site].ci_fns[0], kind, enters[site]).clamp(0, 1)
+            torch.testing.assert_close(ci[site], want, rtol=1e-9, atol=1e-12)
     dec.losses(x)["total"].backward()
     assert all(p.grad is not None for p in dec.subcomponents["W2"].ci_fns[0].parameters())

@@ -168,15 +168,20 @@ def test_bad_masks_are_refused_clearly():
 
 
 def test_unnamed_sites_stay_at_their_unmasked_sum():
-    """Masking only W's first use: equal to giving all-ones masks to the other use."""
+    """Masking only W's first use: per data point, ReLU((x W'_n) (V U)ᵀ + b) with W'_n = Σ_c m[n, c] V_c ⊗ U_c
+    written out by loops and the unnamed second use at the full sum V U (not the target's W)."""
     model = TMS(5, 2)
     dec = SPDDecomposition(model, model.apd_weight_specs(), small_config(use_delta_component=False))
     x = TMSData(5, 8, p=0.5).sample()
     m = torch.rand(8, 6)
-    torch.testing.assert_close(
-        dec.forward_with_masks(x, {"W": m}).output,
-        dec.forward_with_masks(x, {"W": m, "W:use1": torch.ones(8, 6)}).output,
-    )
+    got = dec.forward_with_masks(x, {"W": m}).output
+    V, U = dec.subcomponents["W"].V.detach(), dec.subcomponents["W"].U.detach()
+    full = sum(torch.outer(V[:, c], U[c]) for c in range(6))
+    assert (full - model.W).abs().max() > 1e-3  # the sum is not the target, so the two readings differ
+    for n in range(8):
+        masked = sum(m[n, c] * torch.outer(V[:, c], U[c]) for c in range(6))
+        want = torch.relu((x[n] @ masked) @ full.T + model.b_final)
+        torch.testing.assert_close(got[n], want.detach(), rtol=1e-5, atol=1e-6)
 
 
 def test_hooks_show_ci_and_subcomponent_acts_in_run_with_cache():

@@ -73,6 +73,25 @@ def _param_from_matrix_by_hand(matrix: torch.Tensor, like: torch.Tensor, spec: W
     raise AssertionError(spec.matrix_pattern)
 
 
+def masked_weight(dec, name: str, mask_row: torch.Tensor | None, delta_weight) -> torch.Tensor:
+    """An SPD decomposition's (``dec``) masked weight W'(x) = Σ_c m_c V[:, c] ⊗ U[c, :] + r_Δ (W - V U)
+    (the last term with the delta component only), by loops, in the parameter's own shape."""
+    spec = dec.specs_by_name[name]
+    param = get_parameter(dec.model, name).detach()
+    target = _matrix_by_hand(param, spec)
+    sub = dec.subcomponents[name]
+    V, U = sub.V.detach(), sub.U.detach()
+    out = torch.zeros_like(target)
+    full = torch.zeros_like(target)
+    for c in range(V.shape[1]):
+        piece = torch.outer(V[:, c], U[c])
+        full += piece
+        out += (1.0 if mask_row is None else mask_row[c]) * piece
+    if dec.config.use_delta_component:
+        out += delta_weight * (target - full)
+    return _param_from_matrix_by_hand(out, param, spec)
+
+
 def subset_reference(model: nn.Module, decomp: Decomposition, keep: list[int], tokens: torch.Tensor) -> torch.Tensor:
     """Logits of a copy of the model whose decomposed weights are the sum of the kept components."""
     ref = copy.deepcopy(model)

@@ -30,6 +30,14 @@ def weight_catalog(model: nn.Module) -> WeightCatalog:
     )
 
 
+def is_language_model(model: nn.Module) -> bool:
+    """Whether ``model`` is a HookedTransformer or TransformerBridge (tokens in, logits out)."""
+    from apd_lens.adapters.bridge import is_transformer_bridge
+    from apd_lens.adapters.hooked_transformer import is_hooked_transformer
+
+    return is_hooked_transformer(model) or is_transformer_bridge(model)
+
+
 def specs_for_model(model: nn.Module) -> list[WeightSpec]:
     """Weight descriptions for a known model family (every weight it can pair exactly); raises for
     models it does not know or cannot describe."""
@@ -41,4 +49,4 @@ def select_weights(model: nn.Module, patterns: str | Iterable[str] | None = None
     return weight_catalog(model).select(patterns)
 
 
-__all__ = ["WeightCatalog", "select_weights", "specs_for_model", "weight_catalog"]
+__all__ = ["WeightCatalog", "is_language_model", "select_weights", "specs_for_model", "weight_catalog"]

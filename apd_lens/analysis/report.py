@@ -8,9 +8,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from jaxtyping import Float, Int
 from torch import Tensor, nn
 
-from apd_lens.analysis.metrics import mmcs_ml2r
+from apd_lens.analysis.metrics import mmcs_ml2r, n_large
 from apd_lens.analysis.plotting import plot_tms_components, plt, save_figure
 from apd_lens.engine.base import DecompositionBase
 from apd_lens.engine.spec import get_parameter
@@ -21,9 +22,15 @@ from apd_lens.methods.spd.decomposition import CI_L0_THRESHOLD, SPDDecomposition
 from apd_lens.models.resid_mlp import ResidualMLP
 
 MAX_PANELS = 40
+"""A parts figure draws at most this many live parts (the largest)."""
+
+STRAY_NORM_FRAC = 0.01
+"""A part (component or subcomponent) whose norm is at most this fraction of the largest one's is
+stray: the filtered TMS feature metrics (``mmcs_ml2r(..., min_norm_frac=0.01)``, as examples/tms.py and
+the README report them) leave it out, and the parts figures count it as dead instead of drawing it."""
 
 
-def read_metrics(run_dir: str | Path) -> list[dict[str, float]]:
+def read_metrics(run_dir: str | Path) -> list[dict[str, int | float]]:
     """The rows of a run's ``metrics.jsonl`` (a broken last line, from a crash, is skipped)."""
     path = Path(run_dir) / "metrics.jsonl"
     rows = []
@@ -121,7 +128,53 @@ def evaluate_apd(decomposition: Decomposition, x: Tensor) -> dict[str, Any]:
     return result
 
 
-def _plot_losses(rows: list[dict[str, float]], path: Path) -> Path:
+def live_parts(parts: Float[Tensor, "C ..."]) -> Int[Tensor, " n_live"]:
+    """Indices of the parts whose norm is above STRAY_NORM_FRAC of the largest, largest norm first."""
+    norms = parts.detach().flatten(1).norm(dim=1)
+    order = norms.argsort(descending=True, stable=True)
+    return order[norms[order] > STRAY_NORM_FRAC * norms.max()]
+
+
+def tms_feature_metrics(parts: Float[Tensor, "C F d"], target: Float[Tensor, "F d"]) -> dict[str, float | int]:
+    """MMCS and ML2R of a TMS decomposition's ``W`` parts twice: over all parts (the papers' metrics)
+    and over the parts above STRAY_NORM_FRAC of the largest norm (the figure the examples print)."""
+    mmcs, ml2r = mmcs_ml2r(parts, target)
+    large_mmcs, large_ml2r = mmcs_ml2r(parts, target, min_norm_frac=STRAY_NORM_FRAC)
+    return {
+        "mmcs": mmcs,
+        "ml2r": ml2r,
+        "mmcs_large_parts": large_mmcs,
+        "ml2r_large_parts": large_ml2r,
+        "n_parts": int(parts.shape[0]),
+        "n_large_parts": n_large(parts, STRAY_NORM_FRAC),
+    }
+
+
+def tms_metric_lines(tms: dict[str, float | int]) -> list[str]:
+    """:func:`tms_feature_metrics` as two labelled lines (all parts; the parts the examples keep)."""
+    large = f"the {tms['n_large_parts']} parts above {STRAY_NORM_FRAC:.0%} of the largest norm (as the examples)"
+    return [
+        f"TMS W, all {tms['n_parts']} parts (the papers' metrics): MMCS={tms['mmcs']:.4f} ML2R={tms['ml2r']:.4f}",
+        f"TMS W, {large}: MMCS={tms['mmcs_large_parts']:.4f} ML2R={tms['ml2r_large_parts']:.4f}",
+    ]
+
+
+def _plot_parts(target: Tensor, parts: Tensor, path: Path, name: str, what: str) -> Path:
+    """The live parts (:func:`live_parts`, at most MAX_PANELS), largest norm first, next to the
+    target; the dead ones are counted in the title, not drawn."""
+    live = live_parts(parts)
+    shown = live[:MAX_PANELS]
+    title = f"{name}: {len(live)} live {what}s of {len(parts)}, largest norm first"
+    n_dead = len(parts) - len(live)
+    if n_dead:
+        title += f"; {n_dead} dead (norm <= {STRAY_NORM_FRAC:g} x largest) not drawn"
+    if len(shown) < len(live):
+        title += f"; {len(live) - len(shown)} smaller live not drawn"
+    labels = [f"{int(c)}" for c in shown]
+    return plot_tms_components(target, parts[shown], path, title=title, labels=labels)
+
+
+def _plot_losses(rows: list[dict[str, int | float]], path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(6, 4))
     terms = [k for k in rows[0] if k not in ("step", "lr")]
     steps = [r["step"] for r in rows]
@@ -164,9 +217,10 @@ def write_report(run_dir: str | Path, model: nn.Module, data: Iterable, out: str
     }
     weights = decomposition.weight_parts()
     targets = {s.name: get_parameter(model, s.name).detach() for s in decomposition.specs}
-    if "W" in weights and hasattr(model, "n_hidden"):  # TMS: the paper's feature metrics
-        mmcs, ml2r = mmcs_ml2r(weights["W"], targets["W"])
-        metrics["eval"].update({"mmcs": mmcs, "ml2r": ml2r})
+    if "W" in weights and hasattr(model, "n_hidden"):  # TMS: the papers' feature metrics, and the examples'
+        metrics["tms"] = tms_feature_metrics(weights["W"], targets["W"])
+        metrics["eval"].update({k: metrics["tms"][k] for k in ("mmcs", "ml2r")})
+    metrics["live_parts"] = {name: len(live_parts(parts)) for name, parts in weights.items()}
     figures = []
     if spd and isinstance(model, ResidualMLP):  # the SPD paper's residual-MLP analysis and figures
         from apd_lens.analysis.resid_mlp_spd import analyse_spd_resid_mlp
@@ -184,14 +238,10 @@ def write_report(run_dir: str | Path, model: nn.Module, data: Iterable, out: str
             figures.append(_plot_frequency(freq, out / f"subcomponent_frequency_{safe}.png", f"{site} subcomponent"))
     else:
         figures.append(_plot_frequency(metrics["eval"]["component_frequency"], out / "component_frequency.png"))
-    for name, comps in weights.items():
-        norms = comps.flatten(1).norm(dim=1)
-        shown = norms.argsort(descending=True)[:MAX_PANELS].sort().values
-        note = "" if len(shown) == len(norms) else f" ({len(shown)} largest of {len(norms)})"
+    what = "subcomponent" if spd else "component"
+    for name, parts in weights.items():
         if targets[name].ndim == 2:
-            labels = [f"{int(c)}" for c in shown]
-            path = out / f"{'subcomponents' if spd else 'components'}_{name}.png"
-            figures.append(plot_tms_components(targets[name], comps[shown], path, title=f"{name}{note}", labels=labels))
+            figures.append(_plot_parts(targets[name], parts, out / f"{what}s_{name}.png", name, what))
     metrics["figures"] = [str(p) for p in figures]
     atomic_write_bytes(out / "metrics.json", (json.dumps(metrics, indent=2) + "\n").encode())
     return metrics

@@ -15,9 +15,10 @@ training (:meth:`before_training`), after each update (:meth:`after_update`) and
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import torch
+from jaxtyping import Float
 from torch import Tensor, nn
 
 from apd_lens._compat import HookedRootModule, HookPoint
@@ -27,6 +28,7 @@ from apd_lens.engine.spec import WeightSpec, get_parameter, validate_specs
 from apd_lens.io import COMPONENTS_FILE, check_target, read_cfg, read_tensors, save_decomposition, saved_method
 
 
+@runtime_checkable
 class TrainingCallback(Protocol):
     """Something a method runs between the steps of training, with state a checkpoint keeps."""
 
@@ -64,12 +66,14 @@ class DecompositionBase(HookedRootModule):
             self._weight_modules[spec.name] = module
         names = [s.name for s in self.specs] + [u.bias for s in self.specs for u in s.uses if u.bias]
         self._target_snapshot = {n: get_parameter(model, n).detach().clone() for n in dict.fromkeys(names)}
-        self.loss_history: list[dict[str, float]] = []
+        self.loss_history: list[dict[str, int | float]] = []
         self.section_timer = None
         """Optional callable(name) -> context manager, wrapped around each part of a step (benchmarks)."""
 
     # ------------------------------------------------------------------ what a method supplies
-    def make_weight_module(self, spec: WeightSpec, matrix: Tensor, generator: torch.Generator) -> nn.Module:
+    def make_weight_module(
+        self, spec: WeightSpec, matrix: Float[Tensor, "d_in d_out"], generator: torch.Generator
+    ) -> nn.Module:
         """The trainable module of one weight (its ``[d_in, d_out]`` target ``matrix`` given)."""
         raise NotImplementedError
 
@@ -77,7 +81,7 @@ class DecompositionBase(HookedRootModule):
         """The loss terms of one training step on ``x`` and their weighted ``"total"``."""
         raise NotImplementedError
 
-    def weight_parts(self) -> dict[str, Tensor]:
+    def weight_parts(self) -> dict[str, Float[Tensor, "_n_parts ..."]]:
         """Weight name -> the learned parts of that weight in the parameter's own shape, ``[n_parts, *shape]``
         (APD's components, SPD's subcomponents)."""
         raise NotImplementedError
@@ -135,12 +139,14 @@ class DecompositionBase(HookedRootModule):
         """Number of decomposed parameters."""
         return sum(get_parameter(self.model, s.name).numel() for s in self.specs)
 
-    def target_matrices(self) -> dict[str, Tensor]:
+    def target_matrices(self) -> dict[str, Float[Tensor, "_d_in _d_out"]]:
         """Weight name -> the target's ``[d_in, d_out]`` matrix."""
         return {s.name: s.to_matrix(get_parameter(self.model, s.name)).detach() for s in self.specs}
 
     @torch.no_grad()
-    def in_parameter_shapes(self, matrices: dict[str, Tensor]) -> dict[str, Tensor]:
+    def in_parameter_shapes(
+        self, matrices: dict[str, Float[Tensor, "_n _d_in _d_out"]]
+    ) -> dict[str, Float[Tensor, "_n ..."]]:
         """Weight name -> ``[n, d_in, d_out]`` matrices viewed in the parameter's own shape, ``[n, *shape]``."""
         out = {}
         for spec in self.specs:
@@ -170,6 +176,9 @@ class DecompositionBase(HookedRootModule):
         reference = self._reference_parameter()
         if x.device != reference.device:
             raise ValueError(f"the batch is on {x.device} but the model and components are on {reference.device}")
+        from apd_lens.adapters.tokens import check_tokens  # local: the engine does not depend on the adapters
+
+        check_tokens(self.model, x)  # token ids of a transformer: dtype, range, length
         if torch.is_floating_point(x) and not torch.isfinite(x).all():
             raise ValueError("the batch contains NaN or Inf values")
         if torch.is_floating_point(x) and x.dtype != reference.dtype:

@@ -26,9 +26,9 @@ class DecompositionConfig:
     inputs, all but the last of float inputs."""
     steps: int = 10_000
     batch_size: int = 2048
-    lr: float = 1e-3
+    lr: int | float = 1e-3
     lr_schedule: str = "constant"
-    lr_warmup_frac: float = 0.0
+    lr_warmup_frac: int | float = 0.0
     seed: int = 0
     device: str = "cpu"
     progress: bool = True
@@ -83,4 +83,5 @@ class DecompositionConfig:
         unknown = sorted(set(d) - known)
         if unknown:
             raise ValueError(f"unknown {cls.__name__} fields: {unknown}")
-        return cls(**d)
+        # JSON has no tuples: the tuple fields come back as the tuples their type hints name
+        return cls(**{k: tuple(v) if isinstance(v, list) and k != "extra" else v for k, v in d.items()})

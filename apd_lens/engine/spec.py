@@ -85,7 +85,7 @@ class WeightSpec:
 
     @classmethod
     def from_dict(cls, d: dict) -> WeightSpec:
-        uses = tuple(WeightUse(**u) for u in d["uses"])
+        uses = tuple(WeightUse(**{**u, "feeds": tuple(u.get("feeds", ()))}) for u in d["uses"])
         return cls(d["name"], uses, d.get("matrix_pattern"))
 
 

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from jaxtyping import Int
 from torch import Tensor
 
 from apd_lens.analysis.ownership import own_subcomponents
@@ -22,46 +21,9 @@ from apd_lens.engine.losses import output_loss
 from apd_lens.methods.apd.config import APDConfig
 from apd_lens.methods.spd.config import SPDConfig
 from apd_lens.models.fact_neurons import least_used_neurons, main_fact_neurons, shared_fact_neurons, split_neuron
+from apd_lens.models.fact_task import FactLookupTask
 from apd_lens.models.hooked_transformer_target import build_hooked_transformer
 from apd_lens.models.target_training import train_target
-
-
-@dataclass(frozen=True)
-class FactLookupTask:
-    """Tokens ``0..n_facts-1`` are keys, ``n_facts..2*n_facts-1`` values, ``2*n_facts`` is SEP."""
-
-    n_facts: int = 24
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.n_facts < 2:
-            raise ValueError(f"n_facts must be >= 2, got {self.n_facts}")
-
-    @property
-    def sep(self) -> int:
-        return 2 * self.n_facts
-
-    @property
-    def d_vocab(self) -> int:
-        return 2 * self.n_facts + 1
-
-    def values(self) -> Int[Tensor, " n_facts"]:
-        """The value token of every key."""
-        perm = torch.randperm(self.n_facts, generator=torch.Generator().manual_seed(self.seed))
-        return self.n_facts + perm
-
-    def sequences(self, keys: Int[Tensor, " n"] | None = None) -> Int[Tensor, "n 2"]:
-        """``[key, SEP]`` for the given keys (all facts by default)."""
-        keys = torch.arange(self.n_facts) if keys is None else keys
-        return torch.stack([keys, torch.full_like(keys, self.sep)], dim=1)
-
-    def targets(self, keys: Int[Tensor, " n"] | None = None) -> Int[Tensor, "n 2"]:
-        """Next-token labels: SEP after the key, the value after SEP."""
-        keys = torch.arange(self.n_facts) if keys is None else keys
-        return torch.stack([torch.full_like(keys, self.sep), self.values()[keys]], dim=1)
-
-    def sample_keys(self, n: int, generator: torch.Generator) -> Int[Tensor, " n"]:
-        return torch.randint(0, self.n_facts, (n,), generator=generator)
 
 
 def make_fact_lookup_model(task: FactLookupTask, d_model: int = 8, d_mlp: int = 48, n_heads: int = 2, seed: int = 0):

@@ -10,14 +10,11 @@ overlap penalty moves each fact onto one of the two (see ``train_fact_lookup``'s
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
-if TYPE_CHECKING:
-    from apd_lens.models.fact_lookup import FactLookupTask
+from apd_lens.models.fact_task import FactLookupTask
 
 _POST = "blocks.0.mlp.hook_post"
 

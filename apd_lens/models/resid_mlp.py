@@ -115,7 +115,9 @@ class ResidualMLP(HookedRootModule):
     def W_U(self) -> Float[Tensor, "d_resid n_features"]:
         return self.W_E.T
 
-    def forward(self, x: Float[Tensor, "*batch n_features"]) -> Float[Tensor, "*batch n_features"]:
+    def forward(
+        self, x: Float[Tensor, "*batch n_features={self.n_features}"]
+    ) -> Float[Tensor, "*batch n_features={self.n_features}"]:
         if x.shape[-1] != self.n_features:
             raise ValueError(
                 f"ResidualMLP expects inputs of width n_features={self.n_features}, got shape {tuple(x.shape)}"
@@ -125,7 +127,7 @@ class ResidualMLP(HookedRootModule):
             resid = block(resid)
         return self.hook_out(resid @ self.W_U)
 
-    def mlp_weights(self, layer: int) -> tuple[Tensor, Tensor]:
+    def mlp_weights(self, layer: int) -> tuple[Float[Tensor, "d_resid d_mlp"], Float[Tensor, "d_mlp d_resid"]]:
         """``(W_in, W_out)`` of one layer."""
         mlp = self.blocks[layer].mlp
         return mlp.W_in, mlp.W_out

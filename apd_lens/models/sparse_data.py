@@ -40,6 +40,6 @@ class SparseFeatureData:
         values = torch.rand(n, self.n_features, generator=self.generator) * (self.high - self.low) + self.low
         return (on * values).to(self.device)
 
-    def __iter__(self) -> Iterator[Tensor]:
+    def __iter__(self) -> Iterator[Float[Tensor, "batch n_features"]]:
         while True:
             yield self.sample()

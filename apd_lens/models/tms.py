@@ -45,7 +45,9 @@ class TMS(HookedRootModule):
         self.hook_out = HookPoint()
         self.setup()
 
-    def forward(self, x: Float[Tensor, "batch n_features"]) -> Float[Tensor, "batch n_features"]:
+    def forward(
+        self, x: Float[Tensor, "*batch n_features={self.n_features}"]
+    ) -> Float[Tensor, "*batch n_features={self.n_features}"]:
         if x.shape[-1] != self.n_features:
             raise ValueError(f"TMS expects inputs of width n_features={self.n_features}, got shape {tuple(x.shape)}")
         x = self.hook_in(x)

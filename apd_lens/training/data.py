@@ -19,7 +19,9 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+
+from apd_lens.adapters.tokens import check_tokens
 
 
 class DataNotResumableError(RuntimeError):
@@ -188,6 +190,17 @@ def _expect_kind(state: dict[str, Any], kind: str) -> None:
         raise DataNotResumableError(
             f"the checkpoint's data stream was of kind {state.get('kind')!r}, this data is of kind {kind!r}"
         )
+
+
+def check_data_tensor(model: nn.Module, data: Tensor) -> None:
+    """Check a whole Tensor of inputs once, before the first step: token ids of a transformer
+    (dtype, range, length; :func:`~apd_lens.adapters.tokens.check_tokens`) and finite values."""
+    if data.ndim < 1 or data.shape[0] == 0:
+        return  # TensorBatches refuses it
+    check_tokens(model, data)
+    if torch.is_floating_point(data) and not torch.isfinite(data).all():
+        example = (~torch.isfinite(data)).reshape(data.shape[0], -1).any(dim=1).nonzero()[0].item()
+        raise ValueError(f"the data contains NaN or Inf values (first in example {example})")
 
 
 def iterate_batches(

@@ -32,7 +32,7 @@ from apd_lens.training.checkpoint import (
     resolve_resume,
     set_rng_state,
 )
-from apd_lens.training.data import BatchStream, iterate_batches
+from apd_lens.training.data import BatchStream, check_data_tensor, iterate_batches
 from apd_lens.training.malloc_tuning import keep_freed_memory
 from apd_lens.training.recorder import METRICS_FILE, RunRecorder
 from apd_lens.training.schedule import lr_factor
@@ -48,12 +48,27 @@ RESUME_MAY_CHANGE = frozenset({"progress", "device", "log_every"})
 """Config fields that may differ between a checkpoint and the run resuming it."""
 
 
-def default_config(model: nn.Module, method: str = "apd", preset: str | None = None) -> DecompositionConfig:
+def default_config(model: nn.Module, method: str | None = None, preset: str | None = None) -> DecompositionConfig:
     """The model's own settings for ``method`` (``model.apd_default_config()``,
     ``model.spd_default_config()``) or the method's generic defaults. Another ``preset`` than ``"default"``
-    (e.g. ``"paper"``) is passed on to the model's function; a model without one refuses it."""
-    spec = get_method(method)
+    (e.g. ``"paper"``) is passed on to the model's function; a model without one refuses it.
+
+    A language model (HookedTransformer, TransformerBridge) without settings of its own gets the LM
+    recipe: SPD with the ``"vpd"`` preset (:func:`~apd_lens.methods.spd.presets.vpd_config`: KL on the
+    logits, C per matrix scaled to its size), also when ``method`` is None; ``preset="lm_toy"`` gives the
+    toy models' SPD recipe on the same matrices. ``method=None`` means ``"apd"`` for every other model."""
+    from apd_lens.adapters import is_language_model
+
+    language_model = is_language_model(model)
+    spec = get_method(method or ("spd" if language_model else "apd"))
     make = getattr(model, f"{spec.name}_default_config", None)
+    if language_model and spec.name == "spd" and not callable(make):
+        from apd_lens.methods.spd.presets import SPD_PRESETS
+
+        chosen = "vpd" if preset in (None, "default") else preset
+        if chosen not in SPD_PRESETS:
+            raise ValueError(f"a language model's SPD presets are {sorted(SPD_PRESETS)}, got {preset!r}")
+        return SPD_PRESETS[chosen](model)
     if preset is None or preset == "default":  # every model has a default: its own, or the method's
         return make() if callable(make) else spec.config_class()
     if not callable(make):
@@ -142,6 +157,8 @@ def decompose(
         raise ValueError(f"checkpoint_every must be an integer >= 1, got {checkpoint_every!r}")
     if checkpoint_every is not None and run_dir is None:
         raise ValueError("checkpoint_every needs run_dir (where to write the checkpoints)")
+    if isinstance(data, Tensor):
+        check_data_tensor(model, data)  # the whole data once, before anything is trained or written
     if run_dir is not None and ckpt is None:
         _clear_or_refuse_existing_run(Path(run_dir), overwrite)
     distributed.init_from_env(config.device)
@@ -207,7 +224,7 @@ def run_steps(
     step_gen: torch.Generator | None = None,
     start_step: int = 0,
     *,
-    after_step: Callable[[int, dict[str, float] | None], None] | None = None,
+    after_step: Callable[[int, dict[str, int | float] | None], None] | None = None,
     callbacks: dict[str, TrainingCallback] | None = None,
 ) -> None:
     """Run the optimization from ``start_step`` to ``config.steps``.
@@ -272,6 +289,24 @@ def check_gradients(decomposition: DecompositionBase, step: int) -> None:
 
 
 # ------------------------------------------------------------------------------ resuming
+def _say_chosen_default(model: nn.Module, config: DecompositionConfig) -> None:
+    """The log line of a call on a language model without a config: the recipe it chose."""
+    from apd_lens.adapters import is_language_model
+
+    if is_language_model(model):
+        logger.warning(
+            "decompose(%s, tokens) without a config: the language-model recipe, %s with the %r preset "
+            "(%d weights, %d subcomponents, %d steps of batch %d); pass a config to choose another",
+            type(model).__name__,
+            method_of_config(config).name.upper(),
+            config.extra.get("preset"),
+            len(config.weights or ()),
+            sum(config.n_subcomponents.values()) if isinstance(config.n_subcomponents, dict) else 0,
+            config.steps,
+            config.batch_size,
+        )
+
+
 def _resolve_config(
     model: nn.Module,
     config: DecompositionConfig | None,
@@ -284,7 +319,9 @@ def _resolve_config(
         if method is not None and get_method(method).name != chosen.name:
             raise ValueError(f"method={method!r} but the config is a {type(config).__name__} ({chosen.name})")
     if ckpt is None:
-        config = config if config is not None else default_config(model, method or "apd")
+        if config is None:
+            config = default_config(model, method)
+            _say_chosen_default(model, config)
         config.validate()
         return config
     saved_as = get_method(saved_method(ckpt))

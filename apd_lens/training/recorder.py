@@ -71,7 +71,7 @@ class RunRecorder:
         if id_file is not None and getattr(self.wandb_run, "id", None):
             id_file.write_text(str(self.wandb_run.id))
 
-    def after_step(self, step: int, row: dict[str, float] | None) -> None:
+    def after_step(self, step: int, row: dict[str, int | float] | None) -> None:
         if row is not None:
             if self._metrics is not None:
                 self._metrics.write(json.dumps(row) + "\n")

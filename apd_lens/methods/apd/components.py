@@ -70,18 +70,22 @@ class ComponentWeight(nn.Module):
     def summed_matrix(self) -> Float[Tensor, "d_in d_out"]:
         return torch.einsum("cim,cmo->io", self.A, self.B)
 
-    def inner_acts(self, x: Float[Tensor, "n d"], transposed: bool, detach: bool = False) -> Float[Tensor, "n C m"]:
+    def inner_acts(
+        self, x: Float[Tensor, "n d_enter"], transposed: bool, detach: bool = False
+    ) -> Float[Tensor, "n C m"]:
         """``x @ A_c`` (or ``x @ B_c^T`` for a transposed use) for every component."""
         a, b = (self.A.detach(), self.B.detach()) if detach else (self.A, self.B)
         return per_component_matmul(x, b.transpose(1, 2) if transposed else a)
 
-    def outer(self, inner: Float[Tensor, "n C m"], transposed: bool, detach: bool = False) -> Float[Tensor, "n C d"]:
+    def outer(
+        self, inner: Float[Tensor, "n C m"], transposed: bool, detach: bool = False
+    ) -> Float[Tensor, "n C d_leave"]:
         """Per-component outputs from inner activations."""
         a, b = (self.A.detach(), self.B.detach()) if detach else (self.A, self.B)
         return torch.einsum("ncm,cim->nci", inner, a) if transposed else torch.einsum("ncm,cmo->nco", inner, b)
 
     def project_onto_inner(
-        self, grad: Float[Tensor, "k d_out"], transposed: bool, detach: bool = True
+        self, grad: Float[Tensor, "k d_leave"], transposed: bool, detach: bool = True
     ) -> Float[Tensor, "C m k"]:
         """``outer_c @ grad^T`` for every component: gradients on the output side taken back to
         the rank-m inner activations (``B_c`` is the outer map, or ``A_c^T`` when transposed),
@@ -93,7 +97,7 @@ class ComponentWeight(nn.Module):
 
     def summed_outer(
         self, inner: Float[Tensor, "n C m"], transposed: bool, detach: bool = False
-    ) -> Float[Tensor, "n d"]:
+    ) -> Float[Tensor, "n d_leave"]:
         """Sum over components of their outputs: one matmul over the flattened (C, m) axis."""
         a, b = (self.A.detach(), self.B.detach()) if detach else (self.A, self.B)
         flat = inner.reshape(inner.shape[0], -1)
@@ -102,11 +106,11 @@ class ComponentWeight(nn.Module):
         return flat @ b.reshape(-1, self.d_out)
 
     def component_outputs(
-        self, x: Float[Tensor, "n d"], transposed: bool, detach: bool = False
-    ) -> Float[Tensor, "n C d"]:
+        self, x: Float[Tensor, "n d_enter"], transposed: bool, detach: bool = False
+    ) -> Float[Tensor, "n C d_leave"]:
         return self.outer(self.inner_acts(x, transposed, detach), transposed, detach)
 
-    def outputs_by_component(self, x: Float[Tensor, "n d"], transposed: bool) -> Float[Tensor, "n C d_out"]:
+    def outputs_by_component(self, x: Float[Tensor, "n d_enter"], transposed: bool) -> Float[Tensor, "n C d_leave"]:
         """``x @ P_c`` for every component, detached, through the rank-m factors or through the
         full matrices, whichever needs fewer multiply-adds."""
         a, b = self.A.detach(), self.B.detach()
@@ -116,8 +120,8 @@ class ComponentWeight(nn.Module):
         return self.outer(self.inner_acts(x, transposed, detach=True), transposed, detach=True)
 
     def sparse_masked_output(
-        self, x: Float[Tensor, "n d"], mask: Float[Tensor, "n C"], transposed: bool, detach: bool = False
-    ) -> Float[Tensor, "n d_out"]:
+        self, x: Float[Tensor, "n d_enter"], mask: Float[Tensor, "n C"], transposed: bool, detach: bool = False
+    ) -> Float[Tensor, "n d_leave"]:
         """``sum_c mask[n, c] * (x[n] @ P_c)`` computing only the (n, c) pairs the mask keeps.
 
         Equal to the dense computation; cheaper when the mask is sparse (top-k keeps few

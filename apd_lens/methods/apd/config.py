@@ -29,7 +29,7 @@ class APDConfig(DecompositionConfig):
     """C, the number of parameter components (shared by all decomposed weights)."""
     rank: int | None = None
     """Inner rank m of every component; None: min(d_in, d_out) of each weight."""
-    topk: float = 1.0
+    topk: int | float = 1.0
     """Mean number of components kept per data point (batch top-k), or per data point exactly."""
     topk_mode: str = "batch"
     attribution: str = "gradient"
@@ -45,24 +45,24 @@ class APDConfig(DecompositionConfig):
     "jvp" (forward mode, one Jacobian-vector product per component: cheaper when C is close to
     the output width, as in TMS; exact, target attributions, one batch dim), "auto": vmap,
     falling back to batched with a warning if the model's forward cannot be vmapped."""
-    faithfulness_coeff: float = 1.0
-    minimality_coeff: float = 1.0
-    simplicity_coeff: float = 1.0
-    act_recon_coeff: float = 0.0
+    faithfulness_coeff: int | float = 1.0
+    minimality_coeff: int | float = 1.0
+    simplicity_coeff: int | float = 1.0
+    act_recon_coeff: int | float = 0.0
     act_recon_hooks: tuple[str, ...] = ()
-    schatten_p: float = 1.0
+    schatten_p: int | float = 1.0
     output_loss: str = "mse"
     unit_norm_A: bool = False
     """Renormalize every column of every A to unit norm over d_in after each step."""
-    init_scale: float = 1.0
+    init_scale: int | float = 1.0
     split_every: int | None = None
     """Every this many steps, split each over-used component into an unused one (see
     :mod:`apd_lens.methods.apd.splitting`; not in the paper); None: never."""
-    split_ratio: float = 1.5
+    split_ratio: int | float = 1.5
     """Over-used: active at least this many times as often as the reference rate."""
-    split_until: float = 0.5
+    split_until: int | float = 0.5
     """Split only during this fraction of the run."""
-    split_unused: float = 0.01
+    split_unused: int | float = 0.01
     """Unused (a split's target): active at most this fraction as often as the reference rate."""
     split_points: str = "active"
     """Data points that show how a component is used when it is split: ``"active"`` those where the
@@ -73,12 +73,12 @@ class APDConfig(DecompositionConfig):
     split_reference: str = "live"
     """The reference rate: ``"live"`` the median live component, ``"carrying"`` the median of the
     busiest components carrying 80% of all activity (for C much larger than the number of mechanisms)."""
-    merge_coactive: float | None = None
+    merge_coactive: int | float | None = None
     """At each split check, first merge two live components kept together by top-k on at least this
     fraction of the points where either is kept (Jaccard), when their sum fits one component's rank: the
     freed one becomes a split target (a mechanism halved between two duplicates leaves no unused
     component for a merged pair; TMS 5-2 seed 2). None: never. Needs ``split_every``."""
-    adopt_orphans: float | None = None
+    adopt_orphans: int | float | None = None
     """At each split check that leaves an unused component, look at this share of the kept data points
     the top-k forward reconstructs worst; if the input direction they share, moved out of every other
     component into the unused one, lowers the top-k error, keep that move (a mechanism smeared over many

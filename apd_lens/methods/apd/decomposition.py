@@ -68,7 +68,9 @@ class Decomposition(DecompositionBase):
         """Why the model's forward could not be vmapped (then attributions use batched backward)."""
         self.setup()
 
-    def make_weight_module(self, spec: WeightSpec, matrix: Tensor, generator: torch.Generator) -> ComponentWeight:
+    def make_weight_module(
+        self, spec: WeightSpec, matrix: Float[Tensor, "d_in d_out"], generator: torch.Generator
+    ) -> ComponentWeight:
         d_in, d_out = matrix.shape
         cfg = self.config
         rank = cfg.rank if cfg.rank is not None else min(d_in, d_out)
@@ -123,12 +125,12 @@ class Decomposition(DecompositionBase):
     def component_parameters(self) -> list[nn.Parameter]:
         return [p for c in self._components.values() for p in (c.A, c.B)]
 
-    def weight_parts(self) -> dict[str, Tensor]:
+    def weight_parts(self) -> dict[str, Float[Tensor, "C={self.n_components} ..."]]:
         """The components ``P_c`` of every weight (see :meth:`component_weights`)."""
         return self.component_weights()
 
     @torch.no_grad()
-    def component_weights(self) -> dict[str, Float[Tensor, "C ..."]]:
+    def component_weights(self) -> dict[str, Float[Tensor, "C={self.n_components} ..."]]:
         """Weight name -> the components ``P_c`` in the parameter's own shape: [C, *shape]."""
         return self.in_parameter_shapes({n: c.component_matrices() for n, c in self._components.items()})
 
@@ -185,7 +187,7 @@ class Decomposition(DecompositionBase):
 
     def attributions(
         self, x: Tensor, record: PassRecord | None = None, generator: torch.Generator | None = None
-    ) -> Float[Tensor, "*batch C"]:
+    ) -> Float[Tensor, "*batch C={self.n_components}"]:
         """Attribution of every component on every data point of ``x``."""
         cfg = self.config
         if record is None and cfg.attribution_source == "target":
@@ -222,7 +224,7 @@ class Decomposition(DecompositionBase):
 
     def attribution_values(
         self, record: PassRecord, generator: torch.Generator | None = None, x: Tensor | None = None
-    ) -> Float[Tensor, "n_points C"]:
+    ) -> Float[Tensor, "n_points C={self.n_components}"]:
         """Attributions ``[n_points, C]`` from a recorded pass (of ``x``, needed for vmap)."""
         cfg = self.config
         if cfg.attribution == "activation":
@@ -283,8 +285,8 @@ class Decomposition(DecompositionBase):
         )
 
     def mask_from_attributions(
-        self, attributions: Float[Tensor, "*batch C"], across_ranks: bool = False
-    ) -> Float[Tensor, "*batch C"]:
+        self, attributions: Float[Tensor, "*batch C={self.n_components}"], across_ranks: bool = False
+    ) -> Float[Tensor, "*batch C={self.n_components}"]:
         """Top-k mask; ``across_ranks``: batch top-k over the global batch of a distributed step."""
         if self.config.topk_mode == "batch":
             topk = global_batch_topk_mask if across_ranks else batch_topk_mask
@@ -293,11 +295,16 @@ class Decomposition(DecompositionBase):
             mask = per_example_topk_mask(attributions, self.config.topk)
         return self.hook_mask(mask)
 
-    def topk_mask(self, x: Tensor) -> Float[Tensor, "*batch C"]:
+    def topk_mask(self, x: Tensor) -> Float[Tensor, "*batch C={self.n_components}"]:
         """The top-k mask of ``x`` (batch top-k over all of ``x``, or per example)."""
         return self.mask_from_attributions(self.attributions(x))
 
-    def forward_with_mask(self, x: Tensor, mask: Tensor | None = None, act_hooks=()) -> PassRecord:
+    def forward_with_mask(
+        self,
+        x: Tensor,
+        mask: Float[Tensor, "*batch C={self.n_components}"] | None = None,
+        act_hooks: Iterable[str] = (),
+    ) -> PassRecord:
         """Forward with each decomposed weight replaced by ``sum_c mask[n, c] P_c`` per data point."""
         self.check_input(x)
         if mask is not None:
@@ -306,7 +313,7 @@ class Decomposition(DecompositionBase):
                 raise ValueError(f"mask must have shape {expected}, got {tuple(mask.shape)}")
         return self._forward(x, replace=self._replacement(mask), act_hooks=act_hooks)
 
-    def forward(self, x: Tensor, mask: Tensor | str | None = None) -> Tensor:
+    def forward(self, x: Tensor, mask: Float[Tensor, "*batch C={self.n_components}"] | str | None = None) -> Tensor:
         """Output of the component model (all components on when ``mask`` is None).
 
         ``mask="topk"`` uses the top-k mask of ``x``, so that ``run_with_cache(x, mask="topk")``
@@ -328,14 +335,14 @@ class Decomposition(DecompositionBase):
         return ids
 
     @torch.no_grad()
-    def component(self, c: int) -> dict[str, Tensor]:
+    def component(self, c: int) -> dict[str, Float[Tensor, "..."]]:
         """Weight name -> component ``P_c`` in the parameter's own shape."""
         (c,) = self._component_ids([c])
         return {name: weights[c] for name, weights in self.component_weights().items()}
 
     def component_mask(
         self, x: Tensor, keep: Iterable[int] | None = None, ablate: Iterable[int] | None = None
-    ) -> Float[Tensor, "*batch C"]:
+    ) -> Float[Tensor, "*batch C={self.n_components}"]:
         """A mask for every data point of ``x``: only the components in ``keep`` on (all when
         None), minus those in ``ablate``."""
         on = torch.ones(self.n_components, dtype=torch.bool)
@@ -354,7 +361,7 @@ class Decomposition(DecompositionBase):
         """Output with only the components in ``keep`` (all when None), minus those in ``ablate``."""
         return self.forward(x, self.component_mask(x, keep, ablate))
 
-    def active_components(self, x: Tensor, k: int | None = None) -> Bool[Tensor, "*batch C"]:
+    def active_components(self, x: Tensor, k: int | None = None) -> Bool[Tensor, "*batch C={self.n_components}"]:
         """Which components are active on each data point of ``x``: the decomposition's own top-k
         rule (batch top-k depends on the whole batch), or the ``k`` components of largest
         attribution per data point."""

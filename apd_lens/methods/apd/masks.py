@@ -9,7 +9,7 @@ from torch import Tensor
 from apd_lens.training.distributed import gather_batches, local_part, world_size
 
 
-def batch_topk_mask(attributions: Float[Tensor, "*batch C"], k: float) -> Float[Tensor, "*batch C"]:
+def batch_topk_mask(attributions: Float[Tensor, "*batch C"], k: int | float) -> Float[Tensor, "*batch C"]:
     """Keep the ``int(k * n_points)`` largest (data point, component) scores of the whole batch.
 
     ``n_points`` is the number of data points (all leading dims); ``k`` is the mean number of
@@ -27,7 +27,7 @@ def batch_topk_mask(attributions: Float[Tensor, "*batch C"], k: float) -> Float[
     return mask.reshape(attributions.shape)
 
 
-def per_example_topk_mask(attributions: Float[Tensor, "*batch C"], k: float) -> Float[Tensor, "*batch C"]:
+def per_example_topk_mask(attributions: Float[Tensor, "*batch C"], k: int | float) -> Float[Tensor, "*batch C"]:
     """Keep the ``k`` largest components of every data point (``k`` must be a whole number)."""
     n_components = attributions.shape[-1]
     if float(k) != int(k) or not 0 < k <= n_components:
@@ -36,7 +36,7 @@ def per_example_topk_mask(attributions: Float[Tensor, "*batch C"], k: float) -> 
     return torch.zeros_like(attributions).scatter_(-1, idx, 1.0)
 
 
-def global_batch_topk_mask(attributions: Float[Tensor, "*batch C"], k: float) -> Float[Tensor, "*batch C"]:
+def global_batch_topk_mask(attributions: Float[Tensor, "*batch C"], k: int | float) -> Float[Tensor, "*batch C"]:
     """Batch top-k over the attributions of all ranks of a distributed run together; returns this
     rank's part of the mask (plain batch top-k when not distributed)."""
     if world_size() == 1:

@@ -5,7 +5,12 @@ Three kinds (``SPDConfig.ci_fn``), each one module per use of a decomposed weigh
 - ``"mlp"`` (the paper's): subcomponent c has its own tiny MLP reading only its inner activation
   ``h_c = a . V[:, c]`` (scalar -> ``hidden`` GELU units -> scalar);
 - ``"vector_mlp"``: subcomponent c has its own MLP reading the whole entering activation ``a``;
-- ``"shared_mlp"``: one MLP per use maps ``a`` to all C scores.
+- ``"shared_mlp"``: one MLP per use maps ``a`` to all C scores;
+
+and one for the whole decomposition (``GLOBAL_CI_FN_KINDS``):
+
+- ``"global_mlp"`` (VPD's global CI function, its MLP form): :class:`GlobalMLPCI` reads every use's
+  entering activation at a data point, each RMS-normed, concatenated, and gives every use's C scores.
 
 Initialization: first-layer weights normal with std ``sqrt(2 / fan_in)``, last-layer weights normal
 with std ``sqrt(1 / hidden)``, biases zero.
@@ -25,7 +30,8 @@ import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor, nn
 
-CI_FN_KINDS = ("mlp", "vector_mlp", "shared_mlp")
+GLOBAL_CI_FN_KINDS = ("global_mlp",)
+CI_FN_KINDS = ("mlp", "vector_mlp", "shared_mlp", *GLOBAL_CI_FN_KINDS)
 CHUNK_ELEMENTS = 2**20
 """The scalar MLPs run over slices of about this many (data point, subcomponent, hidden unit) elements."""
 
@@ -128,10 +134,56 @@ class SharedMLPCI(nn.Module):
         return torch.addmm(self.b_out, F.gelu(torch.addmm(self.b_in, enter, self.w_in)), self.w_out)
 
 
+def rms_normed(x: Float[Tensor, "n d"]) -> Float[Tensor, "n d"]:
+    """``x / sqrt(mean(x^2) + eps)`` over the last dim, no learned scale (eps: the dtype's machine
+    epsilon, as ``torch.nn.functional.rms_norm``'s default)."""
+    return F.rms_norm(x, (x.shape[-1],))
+
+
+class GlobalMLPCI(nn.Module):
+    """ONE MLP over all sites: ``concat_s(rms_norm(a_s)) -> [Linear -> GELU] x len(hidden) -> Linear``
+    giving ``Σ_s C_s`` scores, split back per site (in the order of ``widths``).
+
+    ``widths`` / ``n_subcomponents``: each site's entering width and C, in site order. Initialization
+    as the per-site MLPs: hidden weights normal with std ``sqrt(2 / fan_in)``, the last layer's with
+    std ``sqrt(1 / fan_in)``, biases zero."""
+
+    reads = "all_inputs"
+
+    def __init__(
+        self,
+        widths: list[int],
+        n_subcomponents: list[int],
+        hidden: tuple[int, ...],
+        generator: torch.Generator | None = None,
+    ):
+        super().__init__()
+        if len(widths) != len(n_subcomponents) or not widths:
+            raise ValueError(f"GlobalMLPCI needs one width and one C per site, got {widths} and {n_subcomponents}")
+        self.widths, self.splits = list(widths), list(n_subcomponents)
+        sizes = [sum(widths), *hidden]
+        self.weights = nn.ParameterList(
+            [_normal((a, b), math.sqrt(2.0 / a), generator) for a, b in zip(sizes[:-1], sizes[1:], strict=True)]
+        )
+        self.biases = nn.ParameterList([nn.Parameter(torch.zeros(b)) for b in sizes[1:]])
+        self.w_out = _normal((sizes[-1], sum(n_subcomponents)), math.sqrt(1.0 / sizes[-1]), generator)
+        self.b_out = nn.Parameter(torch.zeros(sum(n_subcomponents)))
+
+    def forward(self, enters: list[Float[Tensor, "n d_s"]]) -> list[Float[Tensor, "n C_s"]]:
+        """Every site's pre-sigmoid scores from every site's entering activation (both in site order)."""
+        got = [a.shape[-1] for a in enters]
+        if got != self.widths:
+            raise ValueError(f"GlobalMLPCI expects entering activations of widths {self.widths}, got {got}")
+        h = torch.cat([rms_normed(a) for a in enters], dim=-1)
+        for w, b in zip(self.weights, self.biases, strict=True):
+            h = F.gelu(torch.addmm(b, h, w))
+        return list(torch.addmm(self.b_out, h, self.w_out).split(self.splits, dim=-1))
+
+
 def make_ci_fn(
     kind: str, n_subcomponents: int, d_in: int, hidden: int, generator: torch.Generator | None = None
 ) -> nn.Module:
-    """A CI function of ``kind`` (one of CI_FN_KINDS) for one use of a weight."""
+    """A CI function of ``kind`` (one of CI_FN_KINDS, not a global one) for one use of a weight."""
     classes = {"mlp": ScalarMLPCI, "vector_mlp": VectorMLPCI, "shared_mlp": SharedMLPCI}
     if kind not in classes:
         raise ValueError(f"unknown ci_fn {kind!r}: use one of {CI_FN_KINDS}")

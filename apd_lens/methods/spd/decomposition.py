@@ -10,7 +10,8 @@ masks. One training step:
 3. ``S`` times: masks ``m = g + (1 - g) r``; one masked pass with every site masked (stochastic
    recon), one per site with only that site masked, the others at the target (layerwise), and,
    if asked, one with a random subset of the weights masked per data point (subset);
-   with PGD, masks ``g + (1 - g) s`` whose sources ``s`` are chosen adversarially;
+   with PGD, masks ``g + (1 - g) s`` whose sources ``s`` are chosen adversarially (fresh each step,
+   or VPD's persistent sources, kept across steps: :mod:`~apd_lens.methods.spd.persistent_pgd`);
    masked passes replace each leaving activation by ``((a V) ⊙ m) U (+ r_Δ a Δ) + bias`` with the
    entering activation ``a`` read live;
 4. faithfulness ``Σ ||W - V U||² / N`` and importance minimality ``Σ_sites Σ_c mean_n (g_upper + ε)^p``.
@@ -23,13 +24,14 @@ from collections.abc import Mapping
 from typing import ClassVar
 
 import torch
-from jaxtyping import Float
+from jaxtyping import Float, Shaped
 from torch import Tensor, nn
 
-from apd_lens.engine.base import DecompositionBase
+from apd_lens.engine.base import DecompositionBase, TrainingCallback
 from apd_lens.engine.hooked_forward import PassRecord, Replacement, UseKey
 from apd_lens.engine.losses import activation_recon_loss, output_loss
 from apd_lens.engine.spec import WeightSpec
+from apd_lens.methods.spd.causal_importance import GLOBAL_CI_FN_KINDS, GlobalMLPCI
 from apd_lens.methods.spd.config import SPDConfig
 from apd_lens.methods.spd.losses import (
     delta_masks,
@@ -41,9 +43,13 @@ from apd_lens.methods.spd.losses import (
     stochastic_masks,
     subset_routes,
 )
+from apd_lens.methods.spd.persistent_pgd import PersistentPGDUpdate, PersistentSources, SubcomponentGradClip
 from apd_lens.methods.spd.sigmoids import leaky_hard_sigmoids, lower_leaky_hard_sigmoid
 from apd_lens.methods.spd.subcomponents import Subcomponents
+from apd_lens.training.distributed import world_size
 
+GLOBAL_CI_SEED_OFFSET = 7919
+"""The global CI function's initialization draws from a generator seeded ``config.seed + this``."""
 CI_L0_THRESHOLD = 0.1
 """A subcomponent counts as active on a data point (CI L0, logged per site) above this CI."""
 
@@ -63,7 +69,8 @@ class SPDDecomposition(DecompositionBase):
     subcomponents; ``masks`` a dict site -> [*batch, C], ``"ci"`` (the causal importances as masks)
     or ``"stochastic"`` (sampled masks). Hooks: ``<weight>.hook_ci`` and
     ``<weight>.hook_subcomponent_acts`` ([*batch, C]; ``_use<i>`` for a tied weight's further uses),
-    and the target model's own hooks under ``model.``.
+    and the target model's own hooks under ``model.``. With ``ci_fn="global_mlp"`` one CI function for
+    all sites, the submodule ``global_ci``, saved and loaded with the subcomponents.
     """
 
     method: ClassVar[str] = "spd"
@@ -75,9 +82,32 @@ class SPDDecomposition(DecompositionBase):
         self.site_keys: list[UseKey] = [(s.name, i) for s in self.specs for i in range(len(s.uses))]
         self._key_of = {site_name(k): k for k in self.site_keys}
         self._last_ci_l0: dict[str, Tensor] = {}
+        if config.ci_fn in GLOBAL_CI_FN_KINDS:
+            self.global_ci = self._make_global_ci()
+        self.persistent_sources = (
+            PersistentSources(config.pgd_adam_lr, config.pgd_adam_betas, config.pgd_adam_eps)
+            if config.pgd_scope == "persistent"
+            else None
+        )
+        """VPD's adversarial sources kept across steps (``pgd_scope="persistent"``), else None."""
         self.setup()
 
-    def make_weight_module(self, spec: WeightSpec, matrix: Tensor, generator: torch.Generator) -> Subcomponents:
+    def _make_global_ci(self) -> GlobalMLPCI:
+        cfg = self.config
+        widths = [self._entering_width(key) for key in self.site_keys]
+        counts = [self._subcomponents[key[0]].n_subcomponents for key in self.site_keys]
+        hidden = tuple(cfg.ci_global_hidden) or (cfg.ci_hidden,)
+        generator = torch.Generator().manual_seed(cfg.seed + GLOBAL_CI_SEED_OFFSET)
+        like = next(iter(self._subcomponents.values())).V
+        return GlobalMLPCI(widths, counts, hidden, generator).to(device=like.device, dtype=like.dtype)
+
+    def _entering_width(self, key: UseKey) -> int:
+        sub = self._subcomponents[key[0]]
+        return sub.d_out if self._transposed(key) else sub.d_in
+
+    def make_weight_module(
+        self, spec: WeightSpec, matrix: Float[Tensor, "d_in d_out"], generator: torch.Generator
+    ) -> Subcomponents:
         cfg = self.config
         d_in, d_out = matrix.shape
         transposed = tuple(u.transposed for u in spec.uses)
@@ -104,20 +134,23 @@ class SPDDecomposition(DecompositionBase):
         return self.specs_by_name[key[0]].uses[key[1]].transposed
 
     @torch.no_grad()
-    def subcomponent_weights(self) -> dict[str, Float[Tensor, "C ..."]]:
+    def subcomponent_weights(self) -> dict[str, Float[Tensor, "_C ..."]]:
         """Weight name -> every subcomponent ``V[:, c] ⊗ U[c, :]`` in the parameter's own shape: [C, *shape]."""
         return self.in_parameter_shapes({n: s.subcomponent_matrices() for n, s in self._subcomponents.items()})
 
-    def weight_parts(self) -> dict[str, Tensor]:
+    def weight_parts(self) -> dict[str, Float[Tensor, "_C ..."]]:
         """The rank-one subcomponents of every weight (see :meth:`subcomponent_weights`)."""
         return self.subcomponent_weights()
 
-    def summed_matrices(self) -> dict[str, Tensor]:
+    def summed_matrices(self) -> dict[str, Float[Tensor, "_d_in _d_out"]]:
         """Weight name -> ``V @ U`` (with gradients)."""
         return {name: sub.weight() for name, sub in self._subcomponents.items()}
 
     # ------------------------------------------------------------------ causal importance
     def _ci_pre_sigmoid(self, enters: Mapping[UseKey, Tensor]) -> dict[UseKey, Float[Tensor, "n C"]]:
+        if self.config.ci_fn in GLOBAL_CI_FN_KINDS:
+            scores = self.global_ci([enters[key] for key in self.site_keys])
+            return dict(zip(self.site_keys, scores, strict=True))
         out = {}
         for key in self.site_keys:
             sub = self._subcomponents[key[0]]
@@ -134,7 +167,7 @@ class SPDDecomposition(DecompositionBase):
             out[key] = hook(g.reshape(*batch_shape, g.shape[-1])).reshape(g.shape)
         return out
 
-    def causal_importances(self, x: Tensor) -> dict[str, Float[Tensor, "*batch C"]]:
+    def causal_importances(self, x: Tensor) -> dict[str, Float[Tensor, "*batch _C"]]:
         """Site -> the causal importances (lower-leaky hard sigmoid, in [0, 1]) of every subcomponent on
         every data point of ``x``."""
         self.check_input(x)
@@ -195,25 +228,32 @@ class SPDDecomposition(DecompositionBase):
         """User masks (site name -> [*batch, C]) checked and flattened to [n, C]."""
         if not isinstance(masks, Mapping):
             raise TypeError(f"masks must be a dict of site name -> [*batch, C] tensor, got {type(masks).__name__}")
+        points = torch.empty(batch_shape, device="meta")  # the batch's shape, for the annotations of _flat_site_mask
         out = {}
         for name, mask in masks.items():
             if name not in self._key_of:
                 raise KeyError(
                     f"masks names {name!r}, which is not a decomposed weight use; the sites are {self.sites}"
                 )
-            expected = (*batch_shape, self.n_subcomponents(name))
-            if not isinstance(mask, Tensor) or tuple(mask.shape) != expected:
-                got = tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__
-                raise ValueError(f"mask of {name!r} must have shape {expected} ([*batch, C]), got {got}")
-            out[self._key_of[name]] = mask.reshape(-1, expected[-1])
+            out[self._key_of[name]] = self._flat_site_mask(name, points, mask)
         return out
+
+    def _flat_site_mask(
+        self, site: str, points: Shaped[Tensor, "*batch"], mask: Float[Tensor, "*batch C={self.n_subcomponents(site)}"]
+    ) -> Float[Tensor, "n C"]:
+        """One site's mask, checked to be ``[*batch, C]`` (``points``: the batch's shape), as ``[n, C]``."""
+        expected = (*points.shape, self.n_subcomponents(site))
+        if not isinstance(mask, Tensor) or tuple(mask.shape) != expected:
+            got = tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__
+            raise ValueError(f"mask of {site!r} must have shape {expected} ([*batch, C]), got {got}")
+        return mask.reshape(-1, expected[-1])
 
     def forward_with_masks(
         self,
         x: Tensor,
-        masks: Mapping[str, Tensor] | None = None,
+        masks: Mapping[str, Float[Tensor, "*batch _C"]] | None = None,
         *,
-        delta_masks: Mapping[str, Tensor] | None = None,
+        delta_masks: Mapping[str, Float[Tensor, "*batch"]] | None = None,
         act_hooks=(),
     ) -> PassRecord:
         """Forward with each named site's weight replaced by ``Σ_c m[n, c] V[:, c] ⊗ U[c, :]`` per data
@@ -235,7 +275,7 @@ class SPDDecomposition(DecompositionBase):
         replace = self._replacement(site_masks, self._deltas(), flat_delta, others_at_target=False)
         return self.hooked_pass(x, replace=replace, act_hooks=act_hooks)
 
-    def forward(self, x: Tensor, masks: Mapping[str, Tensor] | str | None = None) -> Tensor:
+    def forward(self, x: Tensor, masks: Mapping[str, Float[Tensor, "*batch _C"]] | str | None = None) -> Tensor:
         """Output with masked subcomponents: ``masks`` a dict site -> [*batch, C], None (every
         subcomponent on), ``"ci"`` (the causal importances of ``x`` as masks) or ``"stochastic"``
         (``g + (1 - g) r``, one sample)."""
@@ -247,8 +287,8 @@ class SPDDecomposition(DecompositionBase):
         return self.forward_with_masks(x, masks).output
 
     def sample_masks(
-        self, ci: Mapping[str, Tensor], generator: torch.Generator | None = None
-    ) -> dict[str, Float[Tensor, "*batch C"]]:
+        self, ci: Mapping[str, Float[Tensor, "*batch _C"]], generator: torch.Generator | None = None
+    ) -> dict[str, Float[Tensor, "*batch _C"]]:
         """One draw of the stochastic masks ``g + (1 - g) r`` from causal importances (site -> [*batch, C]),
         with the config's sampling; reuse one ``causal_importances(x)`` for many draws."""
         return stochastic_masks(dict(ci), self.config.sampling, generator)
@@ -317,7 +357,11 @@ class SPDDecomposition(DecompositionBase):
                         layerwise.append(output_loss(rec.output, target_out, cfg.output_loss))
         if cfg.pgd_recon_coeff > 0:
             with section("pgd_forward"):
-                terms["pgd_recon"] = self._pgd_recon(x, ci, deltas, target_out, generator)
+                like = next(iter(ci.values()))
+                names = [s.name for s in self.specs]
+                route = subset_routes(names, n_points, like, generator) if cfg.pgd_subset_routing else None
+                adversarial = self._persistent_pgd_recon if self.persistent_sources is not None else self._pgd_recon
+                terms["pgd_recon"] = adversarial(x, ci, deltas, target_out, generator, route, targets)
         with section("losses"):
             zero = terms["faithfulness"] * 0
             terms["stochastic_recon"] = torch.stack(recon).mean() if recon else zero
@@ -354,10 +398,13 @@ class SPDDecomposition(DecompositionBase):
         deltas: dict[str, Tensor] | None,
         target_out: Tensor,
         generator: torch.Generator | None,
+        route: Mapping[str, Tensor] | None = None,
+        targets: Mapping[str, Tensor] | None = None,
     ) -> Tensor:
         """The output distance with every site masked by ``g + (1 - g) s`` (and each delta component
         times its own source), after ``pgd_steps`` signed-gradient ascent steps on the sources
-        (with the CI and V, U held fixed); the returned distance has gradients to the CI and V, U."""
+        (with the CI and V, U held fixed); the returned distance has gradients to the CI and V, U.
+        ``route`` (weight -> [n] bool): only those data points' weights masked (``targets`` elsewhere)."""
         cfg = self.config
         like = next(iter(ci.values()))
         n_points = like.shape[0]
@@ -371,7 +418,7 @@ class SPDDecomposition(DecompositionBase):
         def distance(src, ci, deltas) -> Tensor:
             masks = masks_from_sources(ci, {key: src[("ci", key)] for key in ci})
             dmasks = None if deltas is None else {key: src[("delta", key)].expand(n_points) for key in self.site_keys}
-            out = self.hooked_pass(x, replace=self._replacement(masks, deltas, dmasks, False)).output
+            out = self.hooked_pass(x, replace=self._replacement(masks, deltas, dmasks, False, route, targets)).output
             return output_loss(out, target_out, cfg.output_loss)
 
         fixed_ci = {key: g.detach() for key, g in ci.items()}
@@ -382,6 +429,60 @@ class SPDDecomposition(DecompositionBase):
                 grads = torch.autograd.grad(distance(leaves, fixed_ci, fixed_deltas), list(leaves.values()))
             sources = pgd_ascent(sources, dict(zip(leaves, grads, strict=True)), cfg.pgd_step_size, shared)
         return distance(sources, ci, deltas)
+
+    def _persistent_pgd_recon(
+        self,
+        x: Tensor,
+        ci: dict[UseKey, Tensor],
+        deltas: dict[str, Tensor] | None,
+        target_out: Tensor,
+        generator: torch.Generator | None,
+        route: Mapping[str, Tensor] | None = None,
+        targets: Mapping[str, Tensor] | None = None,
+    ) -> Tensor:
+        """VPD's adversarial term: the persistent sources (one row per data point, ``[n, C (+1)]`` per
+        site, the last column the delta component's mask) take ``pgd_warmup_updates`` Adam ascent
+        updates on the output distance (CI and V, U held fixed); then the distance with masks
+        ``g + (1 - g) s``, with gradients to the CI, V, U and (for the update after the backward, see
+        :class:`~apd_lens.methods.spd.persistent_pgd.PersistentPGDUpdate`) the sources. Source
+        gradients are those of the global batch's mean (a rank's local mean over the number of ranks)."""
+        cfg = self.config
+        state = self.persistent_sources
+        like = next(iter(ci.values()))
+        extra = 0 if deltas is None else 1
+        state.ensure(
+            {site_name(k): (like.shape[0], g.shape[1] + extra) for k, g in ci.items()}, cfg.pgd_init, like, generator
+        )
+
+        def distance(src: dict[str, Tensor], ci: dict[UseKey, Tensor], deltas) -> Tensor:
+            rows = {key: src[site_name(key)] for key in ci}
+            masks = masks_from_sources(ci, {key: r[:, : ci[key].shape[1]] for key, r in rows.items()})
+            dmasks = None if deltas is None else {key: r[:, -1] for key, r in rows.items()}
+            out = self.hooked_pass(x, replace=self._replacement(masks, deltas, dmasks, False, route, targets)).output
+            return output_loss(out, target_out, cfg.output_loss)
+
+        fixed_ci = {key: g.detach() for key, g in ci.items()}
+        fixed_deltas = None if deltas is None else {name: d.detach() for name, d in deltas.items()}
+        scale = 1.0 / world_size()
+        for _ in range(cfg.pgd_warmup_updates):
+            leaves = {k: s.detach().requires_grad_(True) for k, s in state.sources.items()}
+            with torch.enable_grad():
+                grads = torch.autograd.grad(distance(leaves, fixed_ci, fixed_deltas), list(leaves.values()))
+            state.ascend({k: g * scale for k, g in zip(leaves, grads, strict=True)})
+        return distance(state.leaves(), ci, deltas)
+
+    def training_callbacks(self, optimizer: torch.optim.Optimizer) -> dict[str, TrainingCallback]:
+        """Persistent PGD's update after each backward (its sources and Adam state checkpointed as
+        ``"persistent_pgd"``) and the V, U gradient clip (``grad_clip_subcomponents``)."""
+        cfg = self.config
+        out: dict[str, TrainingCallback] = {}
+        if self.persistent_sources is not None and cfg.pgd_recon_coeff > 0:
+            scale = 1.0 / (cfg.pgd_recon_coeff * world_size())
+            out["persistent_pgd"] = PersistentPGDUpdate(self.persistent_sources, scale)
+        if cfg.grad_clip_subcomponents is not None:
+            params = [p for sub in self._subcomponents.values() for p in (sub.V, sub.U)]
+            out["grad_clip_subcomponents"] = SubcomponentGradClip(optimizer, params, cfg.grad_clip_subcomponents)
+        return out
 
     def log_values(self, terms: dict[str, Tensor]) -> dict[str, Tensor]:
         """CI L0 per site (mean number of subcomponents with CI > 0.1 per data point) of the last step."""

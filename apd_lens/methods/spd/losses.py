@@ -29,15 +29,34 @@ def importance_minimality_loss(
     averaged over data points (not over layers, as the reference).
 
     With ``beta > 0`` each subcomponent's mean is multiplied by ``1 + beta log2(1 + s_c)``, ``s_c`` its
-    sum over the batch's data points (all ranks' of a distributed run, estimated as this rank's times
-    the number of ranks): the reference's later frequency term, which makes a subcomponent that is on
-    for many data points cost more than two that share them."""
+    sum over the global batch's data points (summed over the ranks of a distributed run before the log,
+    with gradients, so that the ranks' averaged gradients are one process's, as VPD's spec asks): the
+    reference's later frequency term, which makes a subcomponent that is on for many data points cost
+    more than two that share them."""
     total = 0
     for g in ci_upper.values():
         sums = (g + eps).pow(p).sum(0)
-        weights = 1 + beta * torch.log2(1 + sums * world_size()) if beta else 1
+        weights = 1 + beta * torch.log2(1 + _summed_over_ranks_with_grad(sums)) if beta else 1
         total = total + (sums * weights).sum() / g.shape[0]
     return total
+
+
+def _summed_over_ranks_with_grad(t: Tensor) -> Tensor:
+    """``t`` summed over the ranks of a distributed run, differentiable (its backward sums the ranks'
+    gradients); ``t`` itself in one process."""
+    return t if world_size() == 1 else _SumOverRanks.apply(t)
+
+
+class _SumOverRanks(torch.autograd.Function):
+    """``y = Σ_ranks x``, the same on every rank; ``dL/dx`` on each rank is ``Σ_ranks dL_rank/dy``."""
+
+    @staticmethod
+    def forward(ctx, t: Tensor) -> Tensor:
+        return sum_over_ranks(t.contiguous())
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        return sum_over_ranks(grad.contiguous())
 
 
 def _draw(shape: tuple[int, ...], like: Tensor, generator: torch.Generator | None) -> Tensor:

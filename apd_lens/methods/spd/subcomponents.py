@@ -9,7 +9,7 @@ from jaxtyping import Float
 from torch import Tensor, nn
 
 from apd_lens._compat import HookPoint
-from apd_lens.methods.spd.causal_importance import make_ci_fn
+from apd_lens.methods.spd.causal_importance import GLOBAL_CI_FN_KINDS, make_ci_fn
 
 
 class Subcomponents(nn.Module):
@@ -17,7 +17,8 @@ class Subcomponents(nn.Module):
 
     ``V`` is ``[d_in, C]`` (init std ``1/sqrt(d_in)``), ``U`` is ``[C, d_out]`` (std ``1/sqrt(C)``).
     A tied weight (several uses) shares its subcomponents across uses; each use has its own CI
-    function (``ci_fns[i]``) and its own masks. Hooks (names relative to this module; use i > 0
+    function (``ci_fns[i]``; none with a global CI function, which the decomposition owns) and its own
+    masks. Hooks (names relative to this module; use i > 0
     adds ``_use<i>``): ``hook_ci`` ([*batch, C], the causal importances, lower-leaky) and
     ``hook_subcomponent_acts`` ([*batch, C], the masked inner activations of a masked pass).
     """
@@ -36,8 +37,11 @@ class Subcomponents(nn.Module):
         self.n_subcomponents, self.d_in, self.d_out = n_subcomponents, d_in, d_out
         self.V = nn.Parameter(torch.randn(d_in, n_subcomponents, generator=generator) / math.sqrt(d_in))
         self.U = nn.Parameter(torch.randn(n_subcomponents, d_out, generator=generator) / math.sqrt(n_subcomponents))
+        per_use = ci_fn not in GLOBAL_CI_FN_KINDS
         self.ci_fns = nn.ModuleList(
             [make_ci_fn(ci_fn, n_subcomponents, d_out if t else d_in, ci_hidden, generator) for t in transposed]
+            if per_use
+            else []
         )
         for i in range(len(transposed)):
             suffix = "" if i == 0 else f"_use{i}"
