@@ -229,6 +229,7 @@ def cmd_browse(args: argparse.Namespace) -> int:
             n_sequences=args.n_sequences,
             reharvest=args.reharvest,
             progress=not args.no_progress,
+            load_toy_target=load_target,
         )
     except BrowseError as err:
         raise SystemExit(f"apd-lens browse: {err}") from None

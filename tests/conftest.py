@@ -3,7 +3,9 @@
 ``APD_LENS_TYPECHECK=1 pytest tests/...`` imports apd_lens through jaxtyping's import hook with
 beartype (``install_import_hook("apd_lens", "beartype.beartype")``), as a type-checked research
 script would: every function's argument and return hints, jaxtyping shapes included, are checked
-on every call, so an untrue annotation fails the tests. ``make test`` runs a representative part so.
+on every call, so an untrue annotation fails the tests. ``make test`` runs a representative part so
+(Makefile: TYPECHECKED_TESTS); not the tests of the library's own bad-input errors, which jaxtyping's
+error for the same wrong shape precedes under the hook.
 """
 
 import os

@@ -14,11 +14,11 @@ import torch
 
 pytest.importorskip("transformer_lens.HookedTransformer")
 
-from apd_lens import SPDConfig, SPDDecomposition  # noqa: E402
+from apd_lens import APDConfig, Decomposition, SPDConfig, SPDDecomposition  # noqa: E402
 from apd_lens.adapters import specs_for_model  # noqa: E402
 from apd_lens.analysis.harvest import harvest  # noqa: E402
 from apd_lens.browse import BrowseError, OpenedRun, build_site, harvest_run, make_server, open_run  # noqa: E402
-from apd_lens.cli import main, save_target  # noqa: E402
+from apd_lens.cli import load_target, main, save_target  # noqa: E402
 from apd_lens.models.tms import TMS  # noqa: E402
 from tests.test_harvest import CTX, VOCAB, spread_ci_, tiny_lm  # noqa: E402
 
@@ -135,14 +135,14 @@ def test_cli_browse_of_a_toy_run_harvests_once_and_builds_the_site(tmp_path, cap
 def test_bad_runs_are_clear_errors(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(BrowseError, match="holds no run"):
-        open_run(tmp_path / "empty")
+        open_run(tmp_path / "empty", load_toy_target=load_target)
     with pytest.raises(SystemExit, match="holds no run"):
         main(["browse", str(tmp_path / "empty"), "--out", str(tmp_path / "site")])
     with pytest.raises(BrowseError, match="is not a folder"):
         open_run(tmp_path / "missing")
     other = toy_run(tmp_path / "other", target_seed=1)  # the target folder holds another model
     with pytest.raises(BrowseError, match="not a decomposition of the target"):
-        open_run(other)
+        open_run(other, load_toy_target=load_target)
     lm_run = tmp_path / "lm_run"
     toy_run(lm_run)
     (lm_run / "target" / "target.json").unlink()
@@ -150,7 +150,15 @@ def test_bad_runs_are_clear_errors(tmp_path):
         open_run(lm_run)
     with pytest.raises(BrowseError, match="no saved language-model target"):
         open_run(lm_run, target=tmp_path / "empty")
-    silent = open_run(toy_run(tmp_path / "silent", silent=True), n_sequences=32)
+    with pytest.raises(BrowseError, match="is a toy run: pass load_toy_target"):
+        open_run(other)
+    apd = tmp_path / "apd"
+    model = TMS(5, 2, seed=0)
+    Decomposition(model, model.apd_weight_specs(), APDConfig(n_components=3)).save(apd)
+    save_target(model, "tms-5-2", 0, apd / "target", {})
+    with pytest.raises(BrowseError, match="holds an APD run; browsing needs SPD"):
+        open_run(apd, load_toy_target=load_target)
+    silent = open_run(toy_run(tmp_path / "silent", silent=True), n_sequences=32, load_toy_target=load_target)
     with pytest.raises(BrowseError, match="no subcomponent fires"):
         harvest_run(silent, progress=False)
     with pytest.raises(BrowseError, match="needs a language-model run"):

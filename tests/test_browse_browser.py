@@ -91,6 +91,8 @@ def site(tmp_path_factory):
         "edges": [{"source": "a", "target": "b", "weight": 0.3}, {"source": "b", "target": "o", "weight": -1.2}],
     }
     (run_dir / "attribution_graph.json").write_text(json.dumps(graph))
+    members = [{"site": c.site, "subcomponent": c.index} for c in (reader, writer)]
+    (run_dir / "clusters.json").write_text(json.dumps({"clusters": [{"id": 4, "members": members}]}))
     index = build_site(result, run_dir / "site", run_dir=run_dir)
     return result, index
 
@@ -113,7 +115,7 @@ def test_clicking_the_first_row_opens_the_densest_subcomponents_card(site, tmp_p
     assert rows[0] == f"{cards[densest].site}:{cards[densest].index}"
 
 
-def test_the_attribution_graph_is_drawn(site, tmp_path):
+def test_the_attribution_graph_and_the_clusters_are_drawn(site, tmp_path):
     _, index = site
     dom = dump_dom(f"{index.as_uri()}?view=graph", tmp_path / "profile")
     svg = re.search(r'<svg [^>]*id="graph-svg".*?</svg>', dom, flags=re.S).group(0)
@@ -124,3 +126,5 @@ def test_the_attribution_graph_is_drawn(site, tmp_path):
     colours = re.findall(r'class="edge" stroke="([^"]+)"', svg)
     assert colours == ["#1a5fb4", "#c01c28"] and widths == pytest.approx([0.3 + 5 * 0.3 / 1.2, 5.3])
     assert "&lt;/script&gt;" in svg  # token text is text, not markup
+    cluster = re.search(r'<div class="cluster" data-cluster="4">(.*?)</div>', dom, flags=re.S).group(1)
+    assert len(re.findall(r"<a>", cluster)) == 2

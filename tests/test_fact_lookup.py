@@ -73,12 +73,12 @@ def test_short_decomposition_of_the_mlp(trained):
             assert result.own.count(comp) == 1 and comp not in result.shared, fact
 
 
-def test_activation_l1_makes_the_mlp_sparse():
-    task = FactLookupTask(n_facts=8, seed=0)
+def test_activation_l1_makes_the_mlp_sparse(trained):
+    task, plain = trained  # act_l1 0: the fixture's model (this task, size, seed, 400 steps at lr 1e-2)
+    sparse = make_fact_lookup_model(task, d_model=4, d_mlp=32)
+    train_fact_lookup(sparse, task, steps=400, lr=1e-2, act_l1=0.1, progress=False)
     active = []
-    for act_l1 in (0.0, 0.1):
-        model = make_fact_lookup_model(task, d_model=4, d_mlp=32)
-        train_fact_lookup(model, task, steps=400, lr=1e-2, act_l1=act_l1, progress=False)
+    for model in (plain, sparse):
         assert fact_accuracy(model, task) == 1.0
         _, cache = model.run_with_cache(task.sequences(), names_filter="blocks.0.mlp.hook_post")
         post = cache["blocks.0.mlp.hook_post"][:, -1]
@@ -86,8 +86,12 @@ def test_activation_l1_makes_the_mlp_sparse():
     assert active[1] < 0.5 * active[0], active
 
 
+def _penalized_model(task):
+    return make_fact_lookup_model(task, d_model=8, d_mlp=24, seed=task.seed)
+
+
 def _train_penalized(task, repair_steps):
-    model = make_fact_lookup_model(task, d_model=8, d_mlp=24, seed=task.seed)
+    model = _penalized_model(task)
     train_fact_lookup(
         model,
         task,
@@ -123,16 +127,29 @@ def _main_neurons_by_loops(model, task) -> list[int]:
     return [max(range(len(row)), key=row.__getitem__) for row in _push_by_loops(model, task)]
 
 
-def test_penalties_and_repair_give_every_fact_its_own_sep_neuron():
+def test_penalties_and_repair_give_every_fact_its_own_sep_neuron(monkeypatch):
     # seed 1 of this small task ends with two facts on one neuron unless the shared neuron is split and trained apart
+    import apd_lens.models.fact_lookup as fact_lookup
+
     task = FactLookupTask(n_facts=8, seed=1)
-    unrepaired = _train_penalized(task, repair_steps=0)
+    before_repair = []
+    split_neuron = fact_lookup.split_neuron
+
+    def keep_the_unrepaired_model(model, *args, **kwargs):
+        if not before_repair:  # the first split: the model as training without repair would leave it
+            before_repair.append({k: v.clone() for k, v in model.state_dict().items()})
+        return split_neuron(model, *args, **kwargs)
+
+    monkeypatch.setattr(fact_lookup, "split_neuron", keep_the_unrepaired_model)
+    model = _train_penalized(task, repair_steps=300)
+    assert before_repair, "training left no neuron with two facts to split"
+    unrepaired = _penalized_model(task)
+    unrepaired.load_state_dict(before_repair[0])
     main = _main_neurons_by_loops(unrepaired, task)
     assert len(set(main)) < task.n_facts
     assert shared_fact_neurons(unrepaired, task) == {
         n: [f for f in range(task.n_facts) if main[f] == n] for n in set(main) if main.count(n) > 1
     }
-    model = _train_penalized(task, repair_steps=300)
     assert fact_accuracy(model, task) == 1.0
     assert len(set(_main_neurons_by_loops(model, task))) == task.n_facts  # no two facts share their main neuron
     assert shared_fact_neurons(model, task) == {}

@@ -3,10 +3,10 @@
 Design: tests/typecheck_run.py runs in a fresh interpreter (the import hook must be installed before
 apd_lens is first imported): it imports apd_lens through ``install_import_hook("apd_lens",
 "beartype.beartype")``, so every hint of every apd_lens function is checked on every call, runs tiny
-APD and SPD decompositions of TMS 5-2 and an SPD decomposition of a one-layer HookedTransformer, and
-makes three calls with a wrong shape. Here: the outputs match computations by hand (an untrue
-annotation would have raised before), and each wrong shape raised jaxtyping's error naming the
-dimension. The same calls without the hook raise the library's own errors (tests/test_bad_input.py,
+APD and SPD decompositions of TMS 5-2 and of a one-layer HookedTransformer (APD's attributions through
+``torch.func.vmap``), and makes three calls with a wrong shape. Here: the outputs match computations
+by hand (an untrue annotation would have raised before), and each wrong shape raised jaxtyping's
+error naming the dimension. The same calls without the hook raise the library's own errors (tests/test_bad_input.py,
 tests/test_spd_training.py). ``APD_LENS_TYPECHECK=1`` (tests/conftest.py) runs other tests so too.
 """
 
@@ -49,6 +49,7 @@ def test_decompositions_run_checked_and_match_computations_by_hand(report):
         "blocks.0.mlp.W_in": [2, 6, 4],
         "blocks.0.mlp.W_out": [2, 6, 4],
     }
+    assert report["transformer_apd_mask_shape"] == [2, 6, 4]  # APD's attributions through torch.func.vmap
 
 
 @pytest.mark.parametrize(

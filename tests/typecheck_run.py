@@ -55,6 +55,9 @@ config = apd_lens.SPDConfig(n_subcomponents=4, steps=2, batch_size=4, output_los
 dec = apd_lens.decompose(model, tokens, config, weights=select_weights(model, ["blocks.*.mlp.*"]))
 report["transformer_error"] = float((dec(tokens[:2]) - model(tokens[:2])).abs().max())
 report["transformer_ci_shapes"] = {site: list(ci.shape) for site, ci in dec.causal_importances(tokens[:2]).items()}
+config = apd_lens.APDConfig(n_components=4, steps=2, batch_size=4, output_loss="kl", attribution_backend="vmap")
+dec = apd_lens.decompose(model, tokens, config, weights=select_weights(model, ["blocks.*.mlp.*"]))  # vmap or raise
+report["transformer_apd_mask_shape"] = list(dec.topk_mask(tokens[:2]).shape)
 
 wrong_shape_calls = {
     "mask_of_wrong_C": lambda: apd(x, torch.ones(8, apd.n_components + 1)),

@@ -215,6 +215,8 @@ def cluster_subcomponents(
         raise ValueError(f"{len(labels)} labels for {active.shape[1]} columns of active")
     if not alpha >= 0:
         raise ValueError(f"alpha must be >= 0, got {alpha}")
+    if not isinstance(max_candidates, int) or max_candidates < 2:
+        raise ValueError(f"max_candidates must be an integer >= 2, got {max_candidates!r}")
     counts = active.sum(dim=0)
     alive = counts.nonzero().flatten()
     if alive.numel() == 0:

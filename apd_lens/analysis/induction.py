@@ -80,7 +80,7 @@ def head_roles(
 
 
 @torch.no_grad()
-def unit_activity(decomposition, tokens: Int[Tensor, "n pos"]) -> dict[str, Float[Tensor, "n pos C"]]:
+def unit_activity(decomposition, tokens: Int[Tensor, "n pos"]) -> dict[str, Float[Tensor, "n pos _C"]]:
     """Per site (SPD) or ``""`` (APD): each unit's activity on each position."""
     if decomposition.method == "spd":
         return {site: ci.float() for site, ci in decomposition.causal_importances(tokens).items()}

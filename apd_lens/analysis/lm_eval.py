@@ -144,7 +144,7 @@ def _check_tokens(decomposition: SPDDecomposition, tokens: Tensor) -> None:
 def adversarial_kl(
     decomposition: SPDDecomposition,
     tokens: Int[Tensor, "b pos"],
-    ci: dict[str, Float[Tensor, "b pos C"]],
+    ci: dict[str, Float[Tensor, "b pos _C"]],
     target_logits: Float[Tensor, "b pos vocab"],
     steps: int,
     generator: torch.Generator,

@@ -26,7 +26,7 @@ PROBE_VALUE = 0.75
 ON, OFF = 0.5, 0.1
 
 
-def probe_inputs(n_features: int, value: float = PROBE_VALUE) -> Float[Tensor, "2*n_features n_features"]:
+def probe_inputs(n_features: int, value: float = PROBE_VALUE) -> Float[Tensor, "2*{n_features} {n_features}"]:
     """``+value e_i`` for every feature, then ``-value e_i``."""
     eye = torch.eye(n_features)
     return torch.cat([value * eye, -value * eye])

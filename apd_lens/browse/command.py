@@ -14,7 +14,7 @@ from apd_lens.analysis.harvest import (
     neuron_token_purity,
     token_purity,
 )
-from apd_lens.browse.runs import BrowseError, OpenedRun, open_run
+from apd_lens.browse.runs import BrowseError, OpenedRun, ToyTargetLoader, open_run
 from apd_lens.browse.site import build_site
 from apd_lens.io import atomic_write_bytes
 
@@ -80,12 +80,14 @@ def browse(
     n_sequences: int = 256,
     reharvest: bool = False,
     progress: bool = True,
+    load_toy_target: ToyTargetLoader | None = None,
 ) -> Path:
-    """Build the site of the run in ``run_dir`` into ``out``; returns the path of its index.html."""
+    """Build the site of the run in ``run_dir`` into ``out``; returns the path of its index.html.
+    ``load_toy_target``: how to rebuild a toy run's target (:func:`apd_lens.cli.load_target`)."""
     run_dir = Path(run_dir)
     run: OpenedRun | None = None
     if reharvest or prompt is not None or not Harvest.exists(run_dir):
-        run = open_run(run_dir, target=target, n_sequences=n_sequences)
+        run = open_run(run_dir, target=target, n_sequences=n_sequences, load_toy_target=load_toy_target)
     if prompt is not None:
         run.encode_prompt(prompt)  # a bad prompt fails before the (long) harvest
     if reharvest or not Harvest.exists(run_dir):

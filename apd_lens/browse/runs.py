@@ -2,7 +2,8 @@
 vocabulary. Two layouts are recognised:
 
 - a toy run written by ``apd-lens decompose`` (``RUN/cfg.json`` + ``RUN/target/target.json``): the
-  target is rebuilt with the CLI's own :func:`apd_lens.cli.load_target`, data drawn from the
+  target is rebuilt by ``load_toy_target`` (the CLI passes its own :func:`apd_lens.cli.load_target`,
+  which knows the toy target kinds; this package does not import the CLI), data drawn from the
   model's data class (as ``apd-lens report`` does);
 - a language-model run (``RUN/cfg.json``, the target a folder saved by
   :func:`apd_lens.models.lm.load_or_train_lm_target`): given as ``target``, else found as
@@ -13,8 +14,10 @@ vocabulary. Two layouts are recognised:
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from jaxtyping import Int
@@ -102,11 +105,20 @@ def _load_decomposition(run_dir: Path, model: nn.Module, where: str) -> SPDDecom
     return decomposition
 
 
+ToyTargetLoader = Callable[[Path], tuple[nn.Module, Any, Any]]
+"""folder -> (model, metadata, kind with ``kind.data(model, batch_size, seed)``): :func:`apd_lens.cli.load_target`."""
+
+
 def open_run(
-    run_dir: str | Path, *, target: str | Path | None = None, n_sequences: int = 256, seed: int = 12345
+    run_dir: str | Path,
+    *,
+    target: str | Path | None = None,
+    n_sequences: int = 256,
+    seed: int = 12345,
+    load_toy_target: ToyTargetLoader | None = None,
 ) -> OpenedRun:
     """Load the run in ``run_dir`` (see the module docstring) with ``n_sequences`` held-out inputs
-    (toy: data points drawn with ``seed``)."""
+    (toy: data points drawn with ``seed``; ``load_toy_target`` rebuilds a toy target from its folder)."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise BrowseError(f"{run_dir} is not a folder")
@@ -116,10 +128,12 @@ def open_run(
             "or examples/lm.py); an unfinished run has only checkpoints"
         )
     if (run_dir / "target" / TOY_TARGET_FILE).is_file() and target is None:
-        from apd_lens.cli import load_target
-
+        if load_toy_target is None:
+            raise BrowseError(
+                f"{run_dir} is a toy run: pass load_toy_target=apd_lens.cli.load_target (apd-lens browse does)"
+            )
         try:
-            model, _, kind = load_target(run_dir / "target")
+            model, _, kind = load_toy_target(run_dir / "target")
         except SystemExit as err:
             raise BrowseError(str(err)) from err
         decomposition = _load_decomposition(run_dir, model, str(run_dir / "target"))

@@ -45,7 +45,7 @@ class Adoption:
 
 
 @torch.no_grad()
-def topk_errors(decomposition, batches: list[Tensor]) -> tuple[Float[Tensor, " n"], dict[str, Float[Tensor, "n d"]]]:
+def topk_errors(decomposition, batches: list[Tensor]) -> tuple[Float[Tensor, " n"], dict[str, Float[Tensor, "n _d"]]]:
     """Per data point of ``batches``: the top-k forward's output error (the config's output loss, each
     batch its own batch top-k as in training), and per weight the activations entering its reading use."""
     dec = decomposition
@@ -62,8 +62,8 @@ def topk_errors(decomposition, batches: list[Tensor]) -> tuple[Float[Tensor, " n
 
 
 def orphan_directions(
-    errors: Float[Tensor, " n"], enters: dict[str, Float[Tensor, "n d"]], worst_share: float
-) -> dict[str, Float[Tensor, " d"]]:
+    errors: Float[Tensor, " n"], enters: dict[str, Float[Tensor, "n _d"]], worst_share: float
+) -> dict[str, Float[Tensor, " _d"]]:
     """Per weight, the input direction over-represented among the ``worst_share`` of the data points with
     the largest error (at least ``MIN_WORST_POINTS``): the top eigenvector of their mean ``x x^T`` minus
     that of all points (what the worst points have that every point has, e.g. other features of a sparse
@@ -80,7 +80,7 @@ def orphan_directions(
 
 @torch.no_grad()
 def carve_direction(
-    decomposition, optimizer: torch.optim.Optimizer, target: int, directions: dict[str, Float[Tensor, " d"]]
+    decomposition, optimizer: torch.optim.Optimizer, target: int, directions: dict[str, Float[Tensor, " _d"]]
 ) -> bool:
     """Move every other component's slice along each weight's input direction into ``target`` (module doc).
     Returns False, changing nothing, when a weight's new ``P_target`` exceeds the components' rank. The

@@ -169,7 +169,7 @@ class GlobalMLPCI(nn.Module):
         self.w_out = _normal((sizes[-1], sum(n_subcomponents)), math.sqrt(1.0 / sizes[-1]), generator)
         self.b_out = nn.Parameter(torch.zeros(sum(n_subcomponents)))
 
-    def forward(self, enters: list[Float[Tensor, "n d_s"]]) -> list[Float[Tensor, "n C_s"]]:
+    def forward(self, enters: list[Float[Tensor, "n _d"]]) -> list[Float[Tensor, "n _C"]]:
         """Every site's pre-sigmoid scores from every site's entering activation (both in site order)."""
         got = [a.shape[-1] for a in enters]
         if got != self.widths:

@@ -147,7 +147,7 @@ class SPDDecomposition(DecompositionBase):
         return {name: sub.weight() for name, sub in self._subcomponents.items()}
 
     # ------------------------------------------------------------------ causal importance
-    def _ci_pre_sigmoid(self, enters: Mapping[UseKey, Tensor]) -> dict[UseKey, Float[Tensor, "n C"]]:
+    def _ci_pre_sigmoid(self, enters: Mapping[UseKey, Tensor]) -> dict[UseKey, Float[Tensor, "n _C"]]:
         if self.config.ci_fn in GLOBAL_CI_FN_KINDS:
             scores = self.global_ci([enters[key] for key in self.site_keys])
             return dict(zip(self.site_keys, scores, strict=True))

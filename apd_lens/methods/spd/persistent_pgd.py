@@ -55,7 +55,7 @@ class PersistentSources:
                     store[k] = t.to(device=like.device, dtype=like.dtype)
 
     @torch.no_grad()
-    def ascend(self, grads: dict[str, Float[Tensor, "n C"]]) -> None:
+    def ascend(self, grads: dict[str, Float[Tensor, "n _C"]]) -> None:
         """One Adam ascent update ``s + lr m̂ / (sqrt(v̂) + eps)``, clamped to [0, 1]."""
         self.updates += 1
         beta1, beta2 = self.betas
