@@ -155,7 +155,7 @@ def test_result_saves_prints_and_refuses_bad_input(setup, tmp_path):
         evaluate_lm(dec, tokens.double(), progress=False)
     with pytest.raises(ValueError, match="integer token sequences"):
         evaluate_lm(dec, tokens[0], progress=False)
-    with pytest.raises(FileNotFoundError, match="no LM evaluation"):
+    with pytest.raises(FileNotFoundError, match="no lm_eval.json"):
         LMEvaluation.load(tmp_path / "nothing")
 
 

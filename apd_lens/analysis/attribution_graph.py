@@ -25,17 +25,16 @@ the Jacobian (rows batched with ``is_grads_batched``).
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from typing import ClassVar
 
 import torch
 from jaxtyping import Float, Shaped
 from torch import Tensor
 
-from apd_lens.io import atomic_write_bytes
+from apd_lens.analysis.json_result import JsonResult
 from apd_lens.methods.spd.decomposition import SPDDecomposition, site_name
 
 GRAPH_FILE = "attribution_graph.json"
@@ -66,9 +65,11 @@ class GraphEdge:
 
 
 @dataclass
-class AttributionGraph:
+class AttributionGraph(JsonResult):
     """The pruned graph of one prompt; ``save(dir)`` / ``AttributionGraph.load(dir)`` use
     ``dir/attribution_graph.json``."""
+
+    FILE: ClassVar[str] = GRAPH_FILE
 
     prompt_tokens: list[str]
     nodes: list[GraphNode]
@@ -101,18 +102,6 @@ class AttributionGraph:
         data["edges"] = [GraphEdge(**e) for e in data["edges"]]
         data["target"] = tuple(data["target"])
         return cls(**data)
-
-    def save(self, directory: str | Path) -> Path:
-        """Write ``directory/attribution_graph.json`` atomically; returns its path."""
-        text = json.dumps(self.to_dict(), indent=1)
-        return atomic_write_bytes(Path(directory) / GRAPH_FILE, text.encode())
-
-    @classmethod
-    def load(cls, directory: str | Path) -> AttributionGraph:
-        path = Path(directory) / GRAPH_FILE
-        if not path.is_file():
-            raise FileNotFoundError(f"no {GRAPH_FILE} in {directory} (save one with AttributionGraph.save)")
-        return cls.from_dict(json.loads(path.read_text()))
 
 
 def node_id(position: int, site: str, subcomponent: int) -> str:

@@ -20,17 +20,16 @@ group's row of that matrix is recomputed.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from typing import ClassVar
 
 import torch
 from jaxtyping import Bool, Shaped
 from torch import Tensor
 
-from apd_lens.io import atomic_write_bytes
+from apd_lens.analysis.json_result import JsonResult
 
 CLUSTERS_FILE = "clusters.json"
 CI_ON_THRESHOLD = 0.01
@@ -99,9 +98,11 @@ class Cluster:
 
 
 @dataclass
-class Clustering:
+class Clustering(JsonResult):
     """Clusters of alive subcomponents (``dead``: never on, in no cluster); ``save(dir)`` /
     ``Clustering.load(dir)`` use ``dir/clusters.json``."""
+
+    FILE: ClassVar[str] = CLUSTERS_FILE
 
     clusters: list[Cluster]
     cost: float
@@ -138,17 +139,6 @@ class Clustering:
         data["clusters"] = [Cluster(c["id"], labels(c["members"]), c["frequency"]) for c in data["clusters"]]
         data["dead"] = labels(data.get("dead", []))
         return cls(**data)
-
-    def save(self, directory: str | Path) -> Path:
-        """Write ``directory/clusters.json`` atomically; returns its path."""
-        return atomic_write_bytes(Path(directory) / CLUSTERS_FILE, json.dumps(self.to_dict(), indent=1).encode())
-
-    @classmethod
-    def load(cls, directory: str | Path) -> Clustering:
-        path = Path(directory) / CLUSTERS_FILE
-        if not path.is_file():
-            raise FileNotFoundError(f"no {CLUSTERS_FILE} in {directory} (save one with Clustering.save)")
-        return cls.from_dict(json.loads(path.read_text()))
 
 
 def _greedy_merges(

@@ -13,17 +13,16 @@ adversarial masks, where it has an adversarial source of its own as in training.
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from typing import ClassVar
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from apd_lens.analysis.json_result import JsonResult
 from apd_lens.engine.losses import output_loss
-from apd_lens.io import atomic_write_bytes
 from apd_lens.methods.spd.decomposition import SPDDecomposition
 from apd_lens.models.lm.training import next_token_ce
 
@@ -35,10 +34,12 @@ LM_EVAL_FILE = "lm_eval.json"
 
 
 @dataclass
-class LMEvaluation:
+class LMEvaluation(JsonResult):
     """CE (nats per token) of the target and of the decomposed model under each kind of mask, the
     adversarial KL per number of ascent steps, and per site (decomposed matrix use) the alive
     subcomponents, their number and the mean L0 per token."""
+
+    FILE: ClassVar[str] = LM_EVAL_FILE
 
     ce_target: float
     ce_all_on: float
@@ -115,20 +116,6 @@ class LMEvaluation:
         data = dict(data)
         data["adversarial_kl"] = {int(k): v for k, v in data["adversarial_kl"].items()}
         return cls(**data)
-
-    def save(self, run_dir: str | Path) -> Path:
-        """Write ``lm_eval.json`` into ``run_dir`` (atomically)."""
-        return atomic_write_bytes(Path(run_dir) / LM_EVAL_FILE, json.dumps(self.to_dict(), indent=1).encode())
-
-    @classmethod
-    def load(cls, path: str | Path) -> LMEvaluation:
-        """Read an ``lm_eval.json`` (or the one in a run directory)."""
-        path = Path(path)
-        if path.is_dir():
-            path = path / LM_EVAL_FILE
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} holds no LM evaluation ({LM_EVAL_FILE})")
-        return cls.from_dict(json.loads(path.read_text()))
 
 
 def _check_tokens(decomposition: SPDDecomposition, tokens: Tensor) -> None:
