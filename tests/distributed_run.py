@@ -1,4 +1,5 @@
-"""Run by tests/test_distributed.py: a small TMS decomposition (APD or SPD), single process or under torchrun."""
+"""Run by tests/test_distributed.py: a small TMS decomposition (APD or SPD) or a tiny language model's (the VPD
+recipe), single process or under torchrun."""
 
 import sys
 
@@ -42,6 +43,8 @@ def main(out_path: str, method: str) -> None:
             pgd_scope="shared",
             pgd_subset_routing=True,
         )
+    if method == "vpd":  # the LM recipe on a tiny HookedTransformer: persistent PGD, global CI, clip, subsets
+        model, data, config = tiny_language_model_run()
     dec = apd_lens.decompose(model, data, config)
     if distributed.is_main_process():
         torch.save(
@@ -49,6 +52,22 @@ def main(out_path: str, method: str) -> None:
             | {"history": dec.loss_history, "world": distributed.world_size()},
             out_path,
         )
+
+
+def tiny_language_model_run():
+    import warnings
+
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    from apd_lens.methods.spd.presets import vpd_config
+
+    cfg = dict(n_layers=1, d_model=8, d_head=4, n_heads=2, d_mlp=16, d_vocab=20, n_ctx=6, act_fn="gelu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = HookedTransformer(HookedTransformerConfig(**cfg, normalization_type="LNPre", dtype=torch.float64))
+    tokens = torch.randint(0, 20, (64, 6), generator=torch.Generator().manual_seed(3))
+    config = vpd_config(model, steps=20, batch_size=8, faithfulness_warmup_steps=5, progress=False, log_every=10)
+    return model, tokens, config
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ def run(tmp_path: Path, nproc: int, method: str) -> dict:
     return torch.load(out, weights_only=False)
 
 
-@pytest.mark.parametrize("method", ["apd", "spd"])
+@pytest.mark.parametrize("method", ["apd", "spd", "vpd"])
 def test_two_gloo_processes_match_one(tmp_path, method):
     single = run(tmp_path, 1, method)
     double = run(tmp_path, 2, method)
