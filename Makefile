@@ -8,9 +8,11 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.apd_lens_installed
 # `make test` runs these a second time with apd_lens imported through jaxtyping's import hook + beartype
 # (tests/conftest.py), so an untrue annotation fails: APD and SPD against brute force, saving and loading,
-# CI functions, HookedTransformers.
+# CI functions, HookedTransformers, the LM evaluation (token-shaped masks).
 TYPECHECKED_TESTS := tests/test_core_bruteforce.py tests/test_spd_bruteforce.py tests/test_io.py \
-	tests/test_spd_ci_functions.py tests/test_adapters_hooked_transformer.py::test_exact_split_matches_logits
+	tests/test_spd_ci_functions.py tests/test_adapters_hooked_transformer.py::test_exact_split_matches_logits \
+	tests/test_lm_eval.py::test_evaluation_matches_loops_over_sequences \
+	tests/test_lm_eval.py::test_adversarial_kl_follows_the_sign_of_finite_differences
 
 .PHONY: install demo test lint bench clean
 

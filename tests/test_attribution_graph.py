@@ -4,51 +4,36 @@ through the model's own hooks, with every other decomposed site's output frozen 
 from __future__ import annotations
 
 import math
-import warnings
 
 import pytest
 import torch
 
 pytest.importorskip("transformer_lens.HookedTransformer")
 
-from transformer_lens import HookedTransformer, HookedTransformerConfig  # noqa: E402
 
 from apd_lens import SPDConfig, SPDDecomposition  # noqa: E402
 from apd_lens.adapters import select_weights  # noqa: E402
 from apd_lens.analysis.attribution_graph import AttributionGraph, attribution_graph, node_id  # noqa: E402
 from apd_lens.methods.spd.decomposition import site_name  # noqa: E402
 from tests.toy_models import TwoLayerMLP, two_layer_specs  # noqa: E402
-from tests.transformer_checks import randomize_  # noqa: E402
+from tests.transformer_checks import spread_ci_, tiny_lm  # noqa: E402
 
 VOCAB, CTX = 11, 4
 EPS = 1e-5
 
 
-def _spread_ci(dec: SPDDecomposition) -> SPDDecomposition:
-    """CI functions whose outputs straddle 0 and 1, so some subcomponents are off and some on."""
-    with torch.no_grad():
-        for sub in dec.subcomponents.values():
-            for fn in sub.ci_fns:
-                fn.b_out.copy_(torch.linspace(-0.3, 1.2, fn.b_out.shape[0]))
-    return dec
-
-
 @pytest.fixture(scope="module")
 def transformer():
-    cfg = dict(n_layers=1, d_model=8, d_head=4, n_heads=2, d_mlp=12, d_vocab=VOCAB, n_ctx=CTX, act_fn="gelu")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = HookedTransformer(HookedTransformerConfig(**cfg, normalization_type="LNPre", dtype=torch.float64))
-    randomize_(model, scale=0.5, seed=3).eval()
+    model = tiny_lm(VOCAB, CTX)
     dec = SPDDecomposition(model, select_weights(model, "blocks.*"), SPDConfig(n_subcomponents=3, seed=1))
-    return _spread_ci(dec), torch.tensor([[3, 7, 1, 9]])
+    return spread_ci_(dec, low=-0.3, u_scale=1.0), torch.tensor([[3, 7, 1, 9]])
 
 
 @pytest.fixture(scope="module")
 def toy_mlp():
     model = TwoLayerMLP(d_in=4, d_hidden=6, d_out=3, seed=2).double()
     dec = SPDDecomposition(model, two_layer_specs(), SPDConfig(n_subcomponents=6, seed=0))
-    return _spread_ci(dec), torch.tensor([[0.9, 0.0, -0.6, 1.3]], dtype=torch.float64)
+    return spread_ci_(dec, low=-0.3, u_scale=1.0), torch.tensor([[0.9, 0.0, -0.6, 1.3]], dtype=torch.float64)
 
 
 def frozen_forward(dec, x, clean, source=None):

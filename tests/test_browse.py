@@ -20,7 +20,8 @@ from apd_lens.analysis.harvest import harvest  # noqa: E402
 from apd_lens.browse import BrowseError, OpenedRun, build_site, harvest_run, make_server, open_run  # noqa: E402
 from apd_lens.cli import load_target, main, save_target  # noqa: E402
 from apd_lens.models.tms import TMS  # noqa: E402
-from tests.test_harvest import CTX, VOCAB, spread_ci_, tiny_lm  # noqa: E402
+from tests.test_harvest import CTX, VOCAB  # noqa: E402
+from tests.transformer_checks import spread_ci_, tiny_lm  # noqa: E402
 
 ODD_STRINGS = ["\n", "</script>", 'a"b', "\u2028"]
 TOKEN_STRINGS = ODD_STRINGS + [f" t{i}" for i in range(len(ODD_STRINGS), VOCAB)]
@@ -40,7 +41,7 @@ def parse_card(text: str) -> tuple[int, dict]:
 
 def tiny_lm_harvest():
     """A tiny HookedTransformer's SPD decomposition (CI spread out), its tokens and their harvest."""
-    model = tiny_lm()
+    model = tiny_lm(VOCAB, CTX)
     dec = spread_ci_(SPDDecomposition(model, specs_for_model(model), SPDConfig(n_subcomponents=3, seed=1)))
     tokens = torch.randint(0, VOCAB, (5, CTX), generator=torch.Generator().manual_seed(4))
     result = harvest(dec, tokens, batch_size=2, n_top=3, n_samples=2, token_strings=TOKEN_STRINGS, progress=False)

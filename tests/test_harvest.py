@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import warnings
 from collections import Counter
 
 import pytest
@@ -11,7 +10,6 @@ import torch
 
 pytest.importorskip("transformer_lens.HookedTransformer")
 
-from transformer_lens import HookedTransformer, HookedTransformerConfig  # noqa: E402
 
 from apd_lens import SPDConfig, SPDDecomposition  # noqa: E402
 from apd_lens.adapters import specs_for_model  # noqa: E402
@@ -19,37 +17,17 @@ from apd_lens.analysis.harvest import (  # noqa: E402
     Harvest,
     NothingFiresError,
     harvest,
-    neuron_token_purity,
-    token_purity,
 )
+from apd_lens.analysis.token_purity import neuron_token_purity, token_purity
 from apd_lens.models.tms import TMS  # noqa: E402
-from tests.transformer_checks import randomize_  # noqa: E402
+from tests.transformer_checks import spread_ci_, tiny_lm  # noqa: E402
 
 VOCAB, CTX, N_SEQ, THRESHOLD = 11, 6, 5, 0.1
 
 
-def spread_ci_(dec: SPDDecomposition) -> SPDDecomposition:
-    """Spread the CI functions' outputs over (-, 0, 1, +) so that some subcomponents fire and some do not."""
-    with torch.no_grad():
-        for sub in dec.subcomponents.values():
-            sub.U.mul_(1.7)
-            for fn in sub.ci_fns:
-                fn.b_out.copy_(torch.linspace(-0.5, 1.2, fn.b_out.shape[0]))
-    return dec
-
-
-def tiny_lm(seed: int = 3) -> HookedTransformer:
-    cfg = dict(n_layers=1, d_model=8, d_head=4, n_heads=2, d_mlp=12, d_vocab=VOCAB, n_ctx=CTX, act_fn="gelu")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = HookedTransformer(HookedTransformerConfig(**cfg, normalization_type="LNPre", dtype=torch.float64))
-    randomize_(model, scale=0.5, seed=seed)
-    return model.eval()
-
-
 @pytest.fixture(scope="module")
 def setup():
-    model = tiny_lm()
+    model = tiny_lm(VOCAB, CTX)
     dec = spread_ci_(SPDDecomposition(model, specs_for_model(model), SPDConfig(n_subcomponents=3, seed=1)))
     tokens = torch.randint(0, VOCAB, (N_SEQ, CTX), generator=torch.Generator().manual_seed(4))
     result = harvest(dec, tokens, batch_size=2, n_top=3, n_samples=4, window=(2, 1), n_ablate=100, progress=False)
@@ -240,7 +218,7 @@ def test_toy_model_harvest_counts_active_features():
 
 def test_nothing_firing_and_bad_inputs_are_clear_errors(setup):
     dec, tokens, _ = setup
-    model = tiny_lm()
+    model = tiny_lm(VOCAB, CTX)
     silent = SPDDecomposition(model, specs_for_model(model), SPDConfig(n_subcomponents=3, seed=1))
     with torch.no_grad():
         for sub in silent.subcomponents.values():

@@ -2,37 +2,25 @@
 
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
 
 pytest.importorskip("transformer_lens.HookedTransformer")
 
-from transformer_lens import HookedTransformer, HookedTransformerConfig  # noqa: E402
 
 from apd_lens import SPDConfig, SPDDecomposition  # noqa: E402
 from apd_lens.adapters import specs_for_model  # noqa: E402
 from apd_lens.analysis.lm_eval import LMEvaluation, adversarial_kl, evaluate_lm  # noqa: E402
-from tests.transformer_checks import randomize_  # noqa: E402
+from tests.transformer_checks import spread_ci_, tiny_lm  # noqa: E402
 
 VOCAB, CTX = 11, 6
 
 
 @pytest.fixture(scope="module")
 def setup():
-    cfg = dict(n_layers=1, d_model=8, d_head=4, n_heads=2, d_mlp=12, d_vocab=VOCAB, n_ctx=CTX, act_fn="gelu")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = HookedTransformer(HookedTransformerConfig(**cfg, normalization_type="LNPre", dtype=torch.float64))
-    randomize_(model, scale=0.5, seed=3)
-    model.eval()
+    model = tiny_lm(VOCAB, CTX)
     dec = SPDDecomposition(model, specs_for_model(model), SPDConfig(n_subcomponents=3, output_loss="kl", seed=1))
-    with torch.no_grad():  # spread the CI functions' outputs over (-, 0, 1, +)
-        for sub in dec.subcomponents.values():
-            sub.U.mul_(1.7)
-            for fn in sub.ci_fns:
-                fn.b_out.copy_(torch.linspace(-0.5, 1.2, fn.b_out.shape[0]))
+    spread_ci_(dec)  # CI outputs over (-, 0, 1, +)
     tokens = torch.randint(0, VOCAB, (5, CTX), generator=torch.Generator().manual_seed(4))
     return dec, tokens
 

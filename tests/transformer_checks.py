@@ -123,3 +123,28 @@ def check_exact_split(model: nn.Module, specs: list[WeightSpec], tokens: torch.T
         err_sub = (sub - ref).abs().max().item()
         assert err_sub < atol, f"masked forward differs from the subset model by {err_sub}"
         assert (sub - target).abs().max().item() > 100 * atol, "dropping a component did not change the logits"
+
+
+def tiny_lm(d_vocab: int, n_ctx: int, seed: int = 3):
+    """A 1-layer float64 HookedTransformer (d_model 8, 2 heads, d_mlp 12, folded norms) with random weights."""
+    import warnings
+
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    cfg = dict(n_layers=1, d_model=8, d_head=4, n_heads=2, d_mlp=12, d_vocab=d_vocab, n_ctx=n_ctx, act_fn="gelu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = HookedTransformer(HookedTransformerConfig(**cfg, normalization_type="LNPre", dtype=torch.float64))
+    randomize_(model, scale=0.5, seed=seed)
+    return model.eval()
+
+
+def spread_ci_(dec, low: float = -0.5, high: float = 1.2, u_scale: float = 1.7):
+    """Spread an SPD decomposition's CI functions' outputs over ``[low, high]`` (some subcomponents off,
+    some on, some in between) and scale U by ``u_scale`` (so the delta component is not small)."""
+    with torch.no_grad():
+        for sub in dec.subcomponents.values():
+            sub.U.mul_(u_scale)
+            for fn in sub.ci_fns:
+                fn.b_out.copy_(torch.linspace(low, high, fn.b_out.shape[0]))
+    return dec

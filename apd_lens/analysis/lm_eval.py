@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from apd_lens.analysis.json_result import JsonResult
 from apd_lens.engine.losses import output_loss
 from apd_lens.methods.spd.decomposition import SPDDecomposition
+from apd_lens.methods.spd.losses import masks_from_sources, pgd_ascent
 from apd_lens.models.lm.training import next_token_ce
 
 ALIVE_THRESHOLD = 1e-6
@@ -147,7 +148,7 @@ def adversarial_kl(
         sources.update({("delta", site): torch.rand((), generator=generator).to(g) for site, g in ci.items()})
 
     def kl(src: dict[tuple[str, str], Tensor]) -> Tensor:
-        masks = {site: g + (1 - g) * src[("ci", site)] for site, g in ci.items()}
+        masks = masks_from_sources(ci, {site: src[("ci", site)] for site in ci})
         dmasks = {site: src[("delta", site)].expand(batch_shape) for site in ci} if use_delta else None
         out = decomposition.forward_with_masks(tokens, masks, delta_masks=dmasks).output
         return output_loss(out, target_logits, "kl")
@@ -156,9 +157,7 @@ def adversarial_kl(
         leaves = {key: s.clone().requires_grad_(True) for key, s in sources.items()}
         with torch.enable_grad():
             grads = torch.autograd.grad(kl(leaves), list(leaves.values()))
-        sources = {
-            key: (s + step_size * g.sign()).clamp(0, 1) for (key, s), g in zip(sources.items(), grads, strict=True)
-        }
+        sources = pgd_ascent(sources, dict(zip(leaves, grads, strict=True)), step_size)
     with torch.no_grad():
         return float(kl(sources))
 

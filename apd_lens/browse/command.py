@@ -11,9 +11,8 @@ from apd_lens.analysis.harvest import (
     Harvest,
     NothingFiresError,
     harvest,
-    neuron_token_purity,
-    token_purity,
 )
+from apd_lens.analysis.token_purity import neuron_token_purity, token_purity
 from apd_lens.browse.runs import BrowseError, OpenedRun, ToyTargetLoader, open_run
 from apd_lens.browse.site import build_site
 from apd_lens.io import atomic_write_bytes

@@ -20,7 +20,7 @@ masks. One training step:
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import ClassVar
 
 import torch
@@ -421,13 +421,9 @@ class SPDDecomposition(DecompositionBase):
             out = self.hooked_pass(x, replace=self._replacement(masks, deltas, dmasks, False, route, targets)).output
             return output_loss(out, target_out, cfg.output_loss)
 
-        fixed_ci = {key: g.detach() for key, g in ci.items()}
-        fixed_deltas = None if deltas is None else {name: d.detach() for name, d in deltas.items()}
         for _ in range(cfg.pgd_steps):
-            leaves = {key: s.detach().requires_grad_(True) for key, s in sources.items()}
-            with torch.enable_grad():
-                grads = torch.autograd.grad(distance(leaves, fixed_ci, fixed_deltas), list(leaves.values()))
-            sources = pgd_ascent(sources, dict(zip(leaves, grads, strict=True)), cfg.pgd_step_size, shared)
+            grads = _source_gradients(distance, sources, ci, deltas)
+            sources = pgd_ascent(sources, grads, cfg.pgd_step_size, shared)
         return distance(sources, ci, deltas)
 
     def _persistent_pgd_recon(
@@ -461,14 +457,10 @@ class SPDDecomposition(DecompositionBase):
             out = self.hooked_pass(x, replace=self._replacement(masks, deltas, dmasks, False, route, targets)).output
             return output_loss(out, target_out, cfg.output_loss)
 
-        fixed_ci = {key: g.detach() for key, g in ci.items()}
-        fixed_deltas = None if deltas is None else {name: d.detach() for name, d in deltas.items()}
         scale = 1.0 / world_size()
         for _ in range(cfg.pgd_warmup_updates):
-            leaves = {k: s.detach().requires_grad_(True) for k, s in state.sources.items()}
-            with torch.enable_grad():
-                grads = torch.autograd.grad(distance(leaves, fixed_ci, fixed_deltas), list(leaves.values()))
-            state.ascend({k: g * scale for k, g in zip(leaves, grads, strict=True)})
+            grads = _source_gradients(distance, state.sources, ci, deltas)
+            state.ascend({k: g * scale for k, g in grads.items()})
         return distance(state.leaves(), ci, deltas)
 
     def training_callbacks(self, optimizer: torch.optim.Optimizer) -> dict[str, TrainingCallback]:
@@ -487,3 +479,19 @@ class SPDDecomposition(DecompositionBase):
     def log_values(self, terms: dict[str, Tensor]) -> dict[str, Tensor]:
         """CI L0 per site (mean number of subcomponents with CI > 0.1 per data point) of the last step."""
         return dict(self._last_ci_l0)
+
+
+def _source_gradients(
+    distance: Callable[[dict, dict, dict | None], Tensor],
+    sources: dict,
+    ci: dict[UseKey, Tensor],
+    deltas: dict[str, Tensor] | None,
+) -> dict:
+    """Gradients of ``distance(sources, ci, deltas)`` with respect to the mask sources, with the CI and
+    the delta components (so V, U) held fixed: one ascent step's direction for PGD."""
+    fixed_ci = {key: g.detach() for key, g in ci.items()}
+    fixed_deltas = None if deltas is None else {name: d.detach() for name, d in deltas.items()}
+    leaves = {key: s.detach().requires_grad_(True) for key, s in sources.items()}
+    with torch.enable_grad():
+        grads = torch.autograd.grad(distance(leaves, fixed_ci, fixed_deltas), list(leaves.values()))
+    return dict(zip(leaves, grads, strict=True))

@@ -75,8 +75,8 @@ def _uniform(shape: tuple[int, ...], like: Tensor, generator: torch.Generator | 
 
 
 def stochastic_masks(
-    ci: dict[Hashable, Float[Tensor, "n _C"]], sampling: str, generator: torch.Generator | None = None
-) -> dict[Hashable, Float[Tensor, "n _C"]]:
+    ci: dict[Hashable, Float[Tensor, "*batch _C"]], sampling: str, generator: torch.Generator | None = None
+) -> dict[Hashable, Float[Tensor, "*batch _C"]]:
     """``m = g + (1 - g) r`` per data point and subcomponent, ``r`` ~ U(0, 1) (``"continuous"``) or
     Bernoulli(1/2) (``"binomial"``)."""
     sources = {}
@@ -87,8 +87,8 @@ def stochastic_masks(
 
 
 def masks_from_sources(
-    ci: dict[Hashable, Float[Tensor, "n _C"]], sources: dict[Hashable, Tensor]
-) -> dict[Hashable, Float[Tensor, "n _C"]]:
+    ci: dict[Hashable, Float[Tensor, "*batch _C"]], sources: dict[Hashable, Tensor]
+) -> dict[Hashable, Float[Tensor, "*batch _C"]]:
     """``m = g + (1 - g) s`` per site: the masks of causal importances ``g`` and sources ``s`` in [0, 1]
     (random draws, or adversarial ones for PGD; a source row of 1 broadcasts over the data points)."""
     return {key: g + (1 - g) * sources[key] for key, g in ci.items()}
