@@ -7,7 +7,7 @@ held-out files.
                           [--set FIELD=VALUE ...] [--target runs/lm_target] [--out runs/lm]
                           [--checkpoint-every N] [--n-eval N] [--threads T] [--no-progress]
 
-The target is trained once (about 15 min on 2 cores) into ``--target`` and reused; a changed corpus is
+The target is trained once (about 17 min estimated on a quiet CPU) into ``--target`` and reused; a changed corpus is
 refused. The decomposition goes to ``--out/lm_spd_<preset>_seed<S>/`` with checkpoints: rerunning the same
 command continues an interrupted run, or evaluates the finished one again. Prints the evaluation table
 (also ``lm_eval.json`` in the run folder) and as its LAST line
